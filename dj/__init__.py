@@ -1,0 +1,17 @@
+"""dj: DelayedJob, done right, in Python. Jobs are rows in PostgreSQL; workers claim them with
+SELECT ... FOR UPDATE SKIP LOCKED."""
+
+from .admin import status
+from .context import JobContext, current_job
+from .db import connect, database_url, use_database
+from .errors import DatabaseUnavailable, DJError, Permanent, SchemaMissing
+from .schema import migrate
+from .supervisor import run_workers
+from .task import Task, enqueue, job
+from .worker import Worker
+
+__all__ = [
+    "DJError", "DatabaseUnavailable", "JobContext", "Permanent", "SchemaMissing", "Task", "Worker",
+    "connect", "current_job", "database_url", "enqueue", "job", "migrate", "run_workers", "status",
+    "use_database",
+]

@@ -1,0 +1,134 @@
+"""Looking at and managing jobs: status, list, show, retry, cancel. The CLI and users call these."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from .errors import DJError
+
+STATES = ("ready", "scheduled", "running", "dead")
+
+# The four states are disjoint; this is the one place that defines them.
+STATE_SQL = {
+    "dead": "failed_at IS NOT NULL",
+    "running": "failed_at IS NULL AND locked_by IS NOT NULL",
+    "scheduled": "failed_at IS NULL AND locked_by IS NULL AND run_at > now()",
+    "ready": "failed_at IS NULL AND locked_by IS NULL AND run_at <= now()",
+}
+RETRYING_SQL = "failed_at IS NULL AND locked_by IS NULL AND attempts > 0"
+
+_COUNTS = f"""
+SELECT queue,
+       count(*) FILTER (WHERE {STATE_SQL['ready']}) AS ready,
+       count(*) FILTER (WHERE {STATE_SQL['scheduled']}) AS scheduled,
+       count(*) FILTER (WHERE {STATE_SQL['running']}) AS running,
+       count(*) FILTER (WHERE {STATE_SQL['dead']}) AS dead,
+       count(*) FILTER (WHERE {RETRYING_SQL}) AS retrying,
+       coalesce(extract(epoch FROM now() - min(run_at) FILTER (WHERE {STATE_SQL['ready']})), 0)::float8
+           AS oldest_ready_age_s
+FROM jobs GROUP BY queue ORDER BY queue
+"""
+
+_WORKERS = """
+SELECT w.name, w.queues, count(j.id)::int AS running,
+       extract(epoch FROM now() - w.heartbeat_at)::float8 AS heartbeat_age_s
+FROM workers w LEFT JOIN jobs j ON j.locked_by = w.name AND j.failed_at IS NULL
+GROUP BY w.name ORDER BY w.name
+"""
+
+_THROUGHPUT = """
+SELECT coalesce(sum(succeeded), 0)::bigint, coalesce(sum(failed), 0)::bigint
+FROM job_stats WHERE bucket > now() - interval '60 seconds'
+"""
+
+_COLUMNS = ("id, queue, priority, task, args, kwargs, run_at, attempts, max_attempts, timeout, locked_at,"
+            " locked_by, failed_at, last_error, created_at")
+
+
+def status(conn: psycopg.Connection) -> dict[str, Any]:
+    """The `dj status --json` document (see DESIGN.md)."""
+    queues: dict[str, dict[str, Any]] = {}
+    totals = dict.fromkeys(("ready", "scheduled", "running", "dead", "retrying"), 0)
+    for row in conn.execute(_COUNTS).fetchall():
+        q = dict(zip(("ready", "scheduled", "running", "dead", "retrying"), row[1:6]))
+        q["oldest_ready_age_s"] = round(row[6], 3)
+        queues[row[0]] = q
+        for k in totals:
+            totals[k] += q[k]
+    workers = [
+        {"name": name, "queues": list(qs), "running": running, "heartbeat_age_s": round(age, 3)}
+        for name, qs, running, age in conn.execute(_WORKERS).fetchall()
+    ]
+    succeeded, failed = conn.execute(_THROUGHPUT).fetchone()
+    return {
+        "queues": queues,
+        "totals": totals,
+        "workers": workers,
+        "throughput": {"succeeded_last_minute": succeeded, "failed_last_minute": failed},
+    }
+
+
+def list_jobs(conn: psycopg.Connection, state: str | None = None, queue: str | None = None,
+              limit: int = 50) -> list[dict[str, Any]]:
+    where, params = [], []
+    if state is not None:
+        if state not in STATE_SQL:
+            raise DJError(f"unknown state {state!r}; choose one of {', '.join(STATES)}")
+        where.append(STATE_SQL[state])
+    if queue is not None:
+        where.append("queue = %s")
+        params.append(queue)
+    if limit < 1:
+        raise DJError("--limit must be a positive integer")
+    sql = f"SELECT {_COLUMNS}, {_state_expr()} AS state FROM jobs"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id LIMIT %s"
+    params.append(limit)
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(sql, params).fetchall()
+
+
+def get_job(conn: psycopg.Connection, job_id: int) -> dict[str, Any]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(f"SELECT {_COLUMNS}, {_state_expr()} AS state FROM jobs WHERE id = %s",
+                          (job_id,)).fetchone()
+    if row is None:
+        raise DJError(f"no job {job_id} (finished jobs are deleted)")
+    return row
+
+
+def retry(conn: psycopg.Connection, job_id: int) -> None:
+    """Make a dead or waiting job ready now, with a fresh set of attempts."""
+    row = conn.execute(
+        "UPDATE jobs SET failed_at = NULL, run_at = now(), attempts = 0 "
+        "WHERE id = %s AND locked_by IS NULL RETURNING queue", (job_id,)).fetchone()
+    if row is None:
+        get_job(conn, job_id)  # raises if missing
+        raise DJError(f"job {job_id} is running; it cannot be retried now")
+    conn.execute("SELECT pg_notify('dj_jobs', %s)", (row[0],))
+
+
+def retry_dead(conn: psycopg.Connection, queue: str | None = None) -> int:
+    rows = conn.execute(
+        "UPDATE jobs SET failed_at = NULL, run_at = now(), attempts = 0 "
+        "WHERE failed_at IS NOT NULL AND (%s::text IS NULL OR queue = %s) RETURNING queue",
+        (queue, queue)).fetchall()
+    for q in sorted({r[0] for r in rows}):
+        conn.execute("SELECT pg_notify('dj_jobs', %s)", (q,))
+    return len(rows)
+
+
+def cancel(conn: psycopg.Connection, job_id: int) -> None:
+    """Delete a job that is not running."""
+    if conn.execute("DELETE FROM jobs WHERE id = %s AND locked_by IS NULL", (job_id,)).rowcount == 0:
+        get_job(conn, job_id)
+        raise DJError(f"job {job_id} is running; it cannot be cancelled")
+
+
+def _state_expr() -> str:
+    return ("CASE " + " ".join(f"WHEN {cond} THEN '{name}'" for name, cond in STATE_SQL.items())
+            + " END")

@@ -1,0 +1,406 @@
+"""The `dj` command: a thin Typer layer over dj's Python API and the workload in tasks/."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any, Optional
+
+import psycopg
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import admin, db, embedded, schema, task as task_mod
+from .errors import DJError
+from .supervisor import run_workers
+
+app = typer.Typer(help="dj: a PostgreSQL-backed job queue (DelayedJob, done right).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+enqueue_app = typer.Typer(help="Put jobs on a queue.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Inspect and manage individual jobs.", no_args_is_help=True)
+db_app = typer.Typer(help="Control dj's embedded PostgreSQL server.", no_args_is_help=True)
+counters_app = typer.Typer(help="The workload's counter caches.", no_args_is_help=True)
+app.add_typer(enqueue_app, name="enqueue")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(db_app, name="db")
+app.add_typer(counters_app, name="counters")
+
+out = Console()
+
+DatabaseUrl = Annotated[Optional[str], typer.Option(
+    "--database-url", help="PostgreSQL URL; wins over DJ_DATABASE_URL. Default: the embedded server.",
+    show_default=False)]
+Queue = Annotated[Optional[str], typer.Option("--queue", "-q", help="Queue name (default: the task's).")]
+Priority = Annotated[Optional[int], typer.Option("--priority", "-p", help="Lower runs first (default: the task's).")]
+
+
+def _use(database_url: str | None) -> None:
+    db.use_database(database_url)
+
+
+def _connect(database_url: str | None) -> psycopg.Connection:
+    """An autocommit connection to a database that has dj's schema."""
+    _use(database_url)
+    conn = db.connect(autocommit=True)
+    db.ensure_schema(conn)
+    return conn
+
+
+def _json_value(text: str, kind: type, flag: str) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DJError(f"{flag} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(value, kind):
+        raise DJError(f"{flag} must be a JSON {'array' if kind is list else 'object'}, got {type(value).__name__}")
+    return value
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(text: str) -> float:
+    m = _DURATION.match(text)
+    if not m:
+        raise DJError(f"--in {text!r} is not a duration like 30s, 5m, 2h or 1d")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_time(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise DJError(f"--at {text!r} is not an ISO 8601 time such as 2026-01-31T09:00:00+00:00") from None
+    return when if when.tzinfo else when.astimezone()
+
+
+# --- migrate, enqueue ---------------------------------------------------------------------------
+
+@app.command()
+def migrate(database_url: DatabaseUrl = None) -> None:
+    """Create or upgrade dj's schema (alembic upgrade head). Safe to run again."""
+    _use(database_url)
+    head = schema.migrate()
+    out.print(f"schema is at {head}")
+
+
+@enqueue_app.command("job")
+def enqueue_job(
+    name: Annotated[str, typer.Argument(help="Registered task name, e.g. tasks.demo.noop")],
+    args: Annotated[str, typer.Option("--args", help="Positional arguments as a JSON array.")] = "[]",
+    kwargs: Annotated[str, typer.Option("--kwargs", help="Keyword arguments as a JSON object.")] = "{}",
+    queue: Queue = None,
+    priority: Priority = None,
+    in_: Annotated[Optional[str], typer.Option("--in", help="Run after a delay: 30s, 5m, 2h, 1d.")] = None,
+    at: Annotated[Optional[str], typer.Option("--at", help="Run at an ISO 8601 time.")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Enqueue one job of a registered task."""
+    task_mod.load_task_modules()
+    positional = _json_value(args, list, "--args")
+    keywords = _json_value(kwargs, dict, "--kwargs")
+    if in_ is not None and at is not None:
+        raise DJError("give either --in or --at, not both")
+    options: dict[str, Any] = {}
+    if queue is not None:
+        options["queue"] = queue
+    if priority is not None:
+        options["priority"] = priority
+    if in_ is not None:
+        options["run_at"] = datetime.now(timezone.utc) + timedelta(seconds=parse_duration(in_))
+    if at is not None:
+        options["run_at"] = parse_time(at)
+    if task_mod.lookup(name) is None:
+        raise DJError(f"unknown task {name!r}; see the registered tasks with 'dj jobs tasks'")
+    _connect(database_url).close()
+    try:
+        job_id = task_mod.enqueue(name, positional, keywords, **options)
+    except (TypeError, ValueError) as exc:
+        raise DJError(str(exc)) from None
+    out.print(f"enqueued job {job_id} ({name})")
+
+
+@enqueue_app.command("seed")
+def enqueue_seed(
+    users: Annotated[int, typer.Option(help="Users to create.")] = 100,
+    items: Annotated[int, typer.Option(help="Items to create.")] = 500,
+    orders: Annotated[int, typer.Option(help="Orders to create (1 to 6 items each).")] = 100,
+    questions: Annotated[int, typer.Option(help="Questions to create.")] = 0,
+    answers: Annotated[int, typer.Option(help="Answers to create.")] = 0,
+    per_job: Annotated[Optional[int], typer.Option(
+        "--per-job", help="Records per job: 1 = one job per record; default one big job per generator.")] = None,
+    slow: Annotated[bool, typer.Option("--slow", help="Each record waits 0.02-0.5 s, like the tutorial.")] = False,
+    queue: Annotated[str, typer.Option("--queue", "-q")] = "default",
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Enqueue seeding jobs for the storefront and the Q&A board."""
+    from tasks import seed
+
+    _connect(database_url).close()
+    summary = seed.enqueue_seed(users=users, items=items, orders=orders, questions=questions, answers=answers,
+                                per_job=per_job, slow=slow, queue=queue)
+    table = Table("generator", "records", "jobs", title="seeding jobs enqueued")
+    for gen, info in summary.items():
+        table.add_row(gen, str(info["records"]), str(info["jobs"]))
+    out.print(table)
+
+
+@enqueue_app.command("rebuild-counters")
+def enqueue_rebuild_counters(
+    batch: Annotated[int, typer.Option(help="Ids per job.")] = 1000,
+    table: Annotated[str, typer.Option(help="Table whose counters to rebuild, or 'all'.")] = "all",
+    queue: Annotated[str, typer.Option("--queue", "-q")] = "default",
+    priority: Annotated[int, typer.Option("--priority", "-p")] = 0,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Enqueue counter-cache rebuilds: one job for every BATCH ids of each table."""
+    from tasks import counters
+
+    _connect(database_url).close()
+    ranges = counters.enqueue_rebuild(batch, table=table, queue=queue, priority=priority)
+    if not ranges:
+        out.print("nothing to rebuild")
+        return
+    by_table: dict[str, list[tuple[int, int]]] = {}
+    for name, first, last in ranges:
+        by_table.setdefault(name, []).append((first, last))
+    summary = Table("table", "jobs", "id ranges", title=f"enqueued {len(ranges)} rebuild jobs")
+    for name, spans in by_table.items():
+        shown = ", ".join(f"{a}-{b}" for a, b in spans[:3]) + (f", ... {spans[-1][0]}-{spans[-1][1]}"
+                                                              if len(spans) > 3 else "")
+        summary.add_row(name, str(len(spans)), shown)
+    out.print(summary)
+
+
+# --- work ---------------------------------------------------------------------------------------
+
+@app.command()
+def work(
+    queues: Annotated[str, typer.Option("--queues", help="Comma-separated queues to work.")] = "default",
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Threads per process.", min=1)] = 8,
+    processes: Annotated[int, typer.Option("--processes", "-P", help="Worker processes.", min=1)] = 1,
+    burst: Annotated[bool, typer.Option("--burst", help="Exit once no ready job is left (jobs:workoff).")] = False,
+    min_priority: Annotated[Optional[int], typer.Option("--min-priority")] = None,
+    max_priority: Annotated[Optional[int], typer.Option("--max-priority")] = None,
+    lock_timeout: Annotated[Optional[float], typer.Option(
+        "--lock-timeout", help="Seconds without a heartbeat before a worker's jobs are reclaimed "
+        "[env DJ_LOCK_TIMEOUT; default 300].")] = None,
+    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout",
+                                                    help="Seconds to let running jobs finish on SIGTERM.")] = 25.0,
+    default_timeout: Annotated[Optional[float], typer.Option(
+        "--default-timeout", help="Seconds a job may run when its task sets no timeout.")] = None,
+    poll_interval: Annotated[float, typer.Option("--poll-interval", help="Seconds between polls when idle "
+                                                 "(NOTIFY wakes workers sooner).")] = 5.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every job.")] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Run workers until SIGTERM/SIGINT (or, with --burst, until the queues are drained)."""
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    if not names:
+        raise DJError("--queues needs at least one queue name")
+    if min_priority is not None and max_priority is not None and min_priority > max_priority:
+        raise DJError(f"--min-priority {min_priority} is greater than --max-priority {max_priority}")
+    for flag, value in (("--lock-timeout", lock_timeout), ("--default-timeout", default_timeout),
+                        ("--poll-interval", poll_interval)):
+        if value is not None and value <= 0:
+            raise DJError(f"{flag} must be positive")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    task_mod.load_task_modules()
+    _connect(database_url).close()
+    code = run_workers(processes=processes, burst=burst, queues=names, concurrency=concurrency,
+                       min_priority=min_priority, max_priority=max_priority, lock_timeout=lock_timeout,
+                       shutdown_timeout=shutdown_timeout, default_timeout=default_timeout,
+                       poll_interval=poll_interval, database_url=db.database_url())
+    raise typer.Exit(code)
+
+
+# --- status and jobs ----------------------------------------------------------------------------
+
+def _status_table(doc: dict[str, Any]) -> Table:
+    table = Table("queue", "ready", "scheduled", "running", "retrying", "dead", "oldest ready",
+                  title="dj status", caption=(
+                      f"{doc['throughput']['succeeded_last_minute']} succeeded, "
+                      f"{doc['throughput']['failed_last_minute']} failed in the last minute; "
+                      f"{len(doc['workers'])} worker(s)"))
+    for name, q in doc["queues"].items():
+        table.add_row(name, *(str(q[k]) for k in ("ready", "scheduled", "running", "retrying", "dead")),
+                      f"{q['oldest_ready_age_s']:.1f}s")
+    t = doc["totals"]
+    table.add_row("[bold]total", *(f"[bold]{t[k]}" for k in ("ready", "scheduled", "running", "retrying", "dead")),
+                  "")
+    return table
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status document as JSON.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every second until Ctrl-C.")] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Show jobs per queue and state, workers and throughput."""
+    conn = _connect(database_url)
+    if as_json:
+        print(json.dumps(admin.status(conn), indent=2))
+        return
+    if not watch:
+        out.print(_status_table(admin.status(conn)))
+        return
+    from rich.live import Live
+
+    try:
+        with Live(_status_table(admin.status(conn)), console=out, refresh_per_second=4) as live:
+            while True:
+                time.sleep(1)
+                live.update(_status_table(admin.status(conn)))
+    except KeyboardInterrupt:
+        pass
+
+
+@jobs_app.command("list")
+def jobs_list(
+    state: Annotated[Optional[str], typer.Option("--state", help="ready, scheduled, running or dead.")] = None,
+    queue: Annotated[Optional[str], typer.Option("--queue", "-q")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Rows to show.")] = 50,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """List jobs, oldest first."""
+    if state is not None and state not in admin.STATES:
+        raise DJError(f"unknown state {state!r}; choose one of {', '.join(admin.STATES)}")
+    rows = admin.list_jobs(_connect(database_url), state=state, queue=queue, limit=limit)
+    table = Table("id", "state", "queue", "pri", "task", "attempts", "run_at", "last error")
+    for r in rows:
+        error = (r["last_error"] or "").strip().splitlines()
+        table.add_row(str(r["id"]), r["state"], r["queue"], str(r["priority"]), r["task"],
+                      f"{r['attempts']}/{r['max_attempts']}", f"{r['run_at']:%Y-%m-%d %H:%M:%S}",
+                      error[-1][:60] if error else "", )
+    out.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: Annotated[int, typer.Argument(metavar="ID")], database_url: DatabaseUrl = None) -> None:
+    """Show every field of one job, including its last error."""
+    row = admin.get_job(_connect(database_url), job_id)
+    for key, value in row.items():
+        if key in ("args", "kwargs"):
+            value = json.dumps(value)
+        out.print(f"[bold]{key}[/bold]: ", end="")
+        out.print(str(value), markup=False, highlight=False)
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job_id: Annotated[Optional[int], typer.Argument(metavar="ID")] = None,
+    dead: Annotated[bool, typer.Option("--dead", help="Retry every dead job.")] = False,
+    queue: Annotated[Optional[str], typer.Option("--queue", "-q", help="With --dead: only this queue.")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Make a dead or waiting job ready now (or all dead jobs with --dead)."""
+    if (job_id is None) == (not dead):
+        raise DJError("give a job ID or --dead")
+    conn = _connect(database_url)
+    if dead:
+        out.print(f"retrying {admin.retry_dead(conn, queue)} dead job(s)")
+    else:
+        admin.retry(conn, job_id)
+        out.print(f"job {job_id} is ready")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: Annotated[int, typer.Argument(metavar="ID")], database_url: DatabaseUrl = None) -> None:
+    """Delete a job that is not running."""
+    admin.cancel(_connect(database_url), job_id)
+    out.print(f"job {job_id} cancelled")
+
+
+@jobs_app.command("tasks")
+def jobs_tasks() -> None:
+    """List the registered task names."""
+    task_mod.load_task_modules()
+    for name, t in sorted(task_mod.registered().items()):
+        out.print(f"{name}  queue={t.options.queue} priority={t.options.priority}", markup=False)
+
+
+# --- the workload -------------------------------------------------------------------------------
+
+@counters_app.command("check")
+def counters_check(database_url: DatabaseUrl = None) -> None:
+    """Compare every counter cache with the real rows; exit 1 if any is wrong."""
+    from tasks import counters
+
+    mismatches = counters.check(_connect(database_url))
+    if not mismatches:
+        out.print("all counters correct")
+        return
+    table = Table("table", "id", "column", "cached", "actual", title=f"{len(mismatches)} wrong counter(s)")
+    for m in mismatches[:50]:
+        table.add_row(m["table"], str(m["id"]), m["column"], str(m["cached"]), str(m["actual"]))
+    out.print(table)
+    raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    scale: Annotated[str, typer.Option(help="small, default or large.")] = "default",
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Run the whole workload end to end and print the timings."""
+    from tasks import demo as demo_mod
+
+    _use(database_url)
+    demo_mod.run(scale=scale, console=out)
+
+
+# --- the embedded server ------------------------------------------------------------------------
+
+@db_app.command("start")
+def db_start() -> None:
+    """Start the embedded server (or find it running) and print its URL."""
+    print(embedded.start())
+
+
+@db_app.command("stop")
+def db_stop() -> None:
+    """Stop the embedded server."""
+    out.print("stopped" if embedded.stop() else "not running")
+
+
+@db_app.command("url")
+def db_url() -> None:
+    """Print the URL dj uses: --database-url/DJ_DATABASE_URL, else the embedded server's."""
+    print(db.database_url())
+
+
+def main() -> None:
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        _fail("aborted", 130)
+    except typer.TyperException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `dj` or `dj jobs`: show the help
+            print(exc.format_message())
+            sys.exit(0)
+        _fail(" ".join(exc.format_message().split()), 2)
+    except DJError as exc:
+        _fail(str(exc), 2)
+    except psycopg.Error as exc:
+        _fail(f"database error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", 2)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - the contract is one line, never a traceback
+        if os.environ.get("DJ_DEBUG"):
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc} (set DJ_DEBUG=1 for the traceback)", 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)

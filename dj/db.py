@@ -1,0 +1,62 @@
+"""Connections: which database, reaching it, and checking that it has dj's schema."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from . import config, embedded
+from .errors import DatabaseUnavailable, SchemaMissing
+
+_override: str | None = None
+_pools: dict[str, ConnectionPool] = {}
+_pools_lock = threading.Lock()
+
+
+def use_database(url: str | None) -> None:
+    """Make `url` this process's database (what `--database-url` does); None restores the default."""
+    global _override
+    _override = url
+
+
+def database_url() -> str:
+    """The flag, else DJ_DATABASE_URL, else the embedded server (started if needed)."""
+    return _override or config.configured_url() or embedded.start()
+
+
+def connect(url: str | None = None, *, autocommit: bool = False, **kwargs) -> psycopg.Connection:
+    url = url or database_url()
+    try:
+        return psycopg.connect(url, autocommit=autocommit, connect_timeout=10, **kwargs)
+    except psycopg.OperationalError as exc:
+        reason = config.mask_secrets(str(exc).strip().splitlines()[0] if str(exc).strip() else "unreachable", url)
+        raise DatabaseUnavailable(f"cannot connect to {config.mask_url(url)}: {reason}") from exc
+
+
+def pool(url: str | None = None) -> ConnectionPool:
+    """A process-wide pool per URL, for enqueueing from many threads (a web app, say)."""
+    url = url or database_url()
+    with _pools_lock:
+        p = _pools.get(url)
+        if p is None:
+            connect(url).close()  # fail fast with a clear error instead of a pool timeout
+            p = ConnectionPool(url, min_size=1, max_size=10, open=False, name="dj",
+                               kwargs={"autocommit": False})
+            p.open(wait=False)
+            _pools[url] = p
+        return p
+
+
+def ensure_schema(conn: psycopg.Connection) -> None:
+    row = conn.execute("SELECT to_regclass('jobs') IS NOT NULL AND to_regclass('workers') IS NOT NULL").fetchone()
+    if not row[0]:
+        raise SchemaMissing(_display_url(conn))
+
+
+def _display_url(conn: psycopg.Connection) -> str:
+    i = conn.info
+    if i.host.startswith("/"):
+        return f"postgresql://{i.user}@/{i.dbname}?host={i.host}"
+    return f"postgresql://{i.user}@{i.host}:{i.port}/{i.dbname}"

@@ -1,0 +1,18 @@
+"""Exceptions that users of dj see."""
+
+
+class DJError(Exception):
+    """Bad input or an unusable environment. The CLI prints it as one line and exits 2."""
+
+
+class DatabaseUnavailable(DJError):
+    pass
+
+
+class SchemaMissing(DJError):
+    def __init__(self, url: str):
+        super().__init__(f"database {url} has no dj schema; run 'dj migrate'")
+
+
+class Permanent(Exception):
+    """Raise from a job to make it dead at once, skipping the remaining retries."""

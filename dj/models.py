@@ -1,0 +1,84 @@
+"""dj's tables, as SQLAlchemy models. Alembic migrations are written from these; the hot path
+does not use the ORM (see dj/sql.py)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Float, Index, Integer, MetaData, SmallInteger, Text, text
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+metadata = MetaData()
+
+TZ = TIMESTAMP(timezone=True)
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+
+
+class Job(Base):
+    """One row per job that has not succeeded yet: ready, scheduled, running or dead.
+
+    States (disjoint): dead = failed_at set; running = locked_by set; scheduled = run_at in the
+    future; ready = the rest.
+    """
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    queue: Mapped[str] = mapped_column(Text, nullable=False, server_default="default")
+    priority: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="0")
+    task: Mapped[str] = mapped_column(Text, nullable=False)
+    args: Mapped[list] = mapped_column(JSONB, nullable=False, server_default=text("'[]'::jsonb"))
+    kwargs: Mapped[dict] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    run_at: Mapped[datetime] = mapped_column(TZ, nullable=False, server_default=text("now()"))
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    max_attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="25")
+    timeout: Mapped[float | None] = mapped_column(Float)
+    locked_at: Mapped[datetime | None] = mapped_column(TZ)
+    locked_by: Mapped[str | None] = mapped_column(Text)
+    failed_at: Mapped[datetime | None] = mapped_column(TZ)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TZ, nullable=False, server_default=text("now()"))
+
+    __table_args__ = (
+        # The claim query's exact shape: equality on queue, then ORDER BY priority, run_at, id,
+        # over unlocked, live rows only. Running and dead rows stay out of the index, so it holds
+        # only what a worker may claim, and a claim reads it in order and stops at LIMIT.
+        Index(
+            "jobs_claim_idx",
+            "queue", "priority", "run_at", "id",
+            postgresql_where=text("locked_by IS NULL AND failed_at IS NULL"),
+        ),
+        # Crash recovery looks up the jobs held by one worker; few rows are locked at a time.
+        Index("jobs_locked_by_idx", "locked_by", postgresql_where=text("locked_by IS NOT NULL")),
+        Index("jobs_dead_idx", "queue", "failed_at", postgresql_where=text("failed_at IS NOT NULL")),
+    )
+
+
+class Worker(Base):
+    """A live worker process. It heartbeats here; jobs locked by a stale worker are reclaimed."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    host: Mapped[str] = mapped_column(Text, nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    queues: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False)
+    concurrency: Mapped[int] = mapped_column(Integer, nullable=False)
+    running: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    started_at: Mapped[datetime] = mapped_column(TZ, nullable=False, server_default=text("now()"))
+    heartbeat_at: Mapped[datetime] = mapped_column(TZ, nullable=False, server_default=text("now()"))
+
+
+class JobStat(Base):
+    """Succeeded and failed attempts per queue in 10-second buckets, since successes leave no row."""
+
+    __tablename__ = "job_stats"
+
+    bucket: Mapped[datetime] = mapped_column(TZ, primary_key=True)
+    queue: Mapped[str] = mapped_column(Text, primary_key=True)
+    succeeded: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    failed: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")

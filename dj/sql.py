@@ -1,0 +1,161 @@
+"""Every statement the hot path runs: enqueue, claim, complete, fail, release, heartbeat, reap.
+
+The statements are written out in full so the whole protocol can be read in one place. psycopg
+prepares each of them after a few executions, and every one that touches many jobs takes arrays,
+so a batch of N jobs costs one round trip.
+
+Fencing: a worker names itself in `locked_by`, and each claim bumps `attempts`. Every statement
+that ends an attempt matches on (id, attempts, locked_by), so a worker that stalled and lost its
+claim changes nothing when it wakes up: the row is either gone, unlocked, or locked by someone else
+with a higher attempt number.
+"""
+
+NOTIFY_CHANNEL = "dj_jobs"
+
+# --- enqueue -------------------------------------------------------------------------------------
+
+ENQUEUE = """
+INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout)
+VALUES (%s, %s, %s, %s::jsonb, %s::jsonb, coalesce(%s, now()), %s, %s)
+RETURNING id
+"""
+
+# One statement for any number of rows. Identity values are drawn in input order, so sorting the
+# returned ids gives them back in the caller's order.
+ENQUEUE_MANY = """
+INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout)
+SELECT queue, priority, task, args::jsonb, kwargs::jsonb, coalesce(run_at, now()), max_attempts, timeout
+FROM unnest(%s::text[], %s::smallint[], %s::text[], %s::text[], %s::text[], %s::timestamptz[],
+            %s::int[], %s::float8[])
+     AS t(queue, priority, task, args, kwargs, run_at, max_attempts, timeout)
+RETURNING id
+"""
+
+# NOTIFY is delivered at commit, so a worker never wakes for a job it cannot see yet, and a
+# rolled-back enqueue wakes nobody. One per enqueue call, not per row.
+NOTIFY = "SELECT pg_notify('" + NOTIFY_CHANNEL + "', %s)"
+
+# --- claim ---------------------------------------------------------------------------------------
+
+# For each of the worker's queues, read jobs_claim_idx in (priority, run_at, id) order and lock up
+# to `limit` free rows, skipping rows that another worker is locking right now. Then keep the best
+# `limit` over all queues. A per-queue LATERAL keeps every index read ordered and short: a plain
+# `queue = ANY(...)` would make PostgreSQL sort every ready row of those queues on every claim.
+# Rows locked by a lateral but cut by the outer LIMIT are unlocked again when the statement commits.
+CLAIM = """
+WITH picked AS (
+    SELECT c.id
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at
+        FROM jobs
+        WHERE queue = q.name
+          AND locked_by IS NULL AND failed_at IS NULL
+          AND priority BETWEEN %(min_priority)s AND %(max_priority)s
+          AND run_at <= now()
+        ORDER BY priority, run_at, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    ORDER BY c.priority, c.run_at, c.id
+    LIMIT %(limit)s
+)
+UPDATE jobs
+SET locked_by = %(worker)s, locked_at = now(), attempts = jobs.attempts + 1
+FROM picked
+WHERE jobs.id = picked.id
+RETURNING jobs.id, jobs.task, jobs.args, jobs.kwargs, jobs.attempts, jobs.max_attempts,
+          jobs.timeout, jobs.queue, jobs.priority, jobs.run_at
+"""
+
+# --- finish an attempt ---------------------------------------------------------------------------
+
+# Successes are deleted, as in DelayedJob, so the hot table holds only unfinished work; the count
+# goes to job_stats. Groups are inserted in queue order so two workers upserting the same buckets
+# always lock them in the same order and cannot deadlock.
+COMPLETE = """
+WITH done AS (
+    DELETE FROM jobs
+    USING unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS d(id, attempts)
+    WHERE jobs.id = d.id AND jobs.attempts = d.attempts AND jobs.locked_by = %(worker)s
+    RETURNING jobs.queue
+)
+INSERT INTO job_stats AS s (bucket, queue, succeeded)
+SELECT date_bin('10 seconds', now(), timestamptz '2000-01-01'), queue, count(*)
+FROM done GROUP BY queue ORDER BY queue
+ON CONFLICT (bucket, queue) DO UPDATE SET succeeded = s.succeeded + EXCLUDED.succeeded
+"""
+
+# A failed attempt either waits for its retry (run_at moves to the future) or is dead (failed_at).
+FAIL = """
+WITH failed AS (
+    UPDATE jobs
+    SET locked_by = NULL, locked_at = NULL, last_error = f.error,
+        run_at = CASE WHEN f.dead THEN jobs.run_at ELSE now() + f.delay * interval '1 second' END,
+        failed_at = CASE WHEN f.dead THEN now() END
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(errors)s::text[], %(delays)s::float8[],
+                %(dead)s::bool[]) AS f(id, attempts, error, delay, dead)
+    WHERE jobs.id = f.id AND jobs.attempts = f.attempts AND jobs.locked_by = %(worker)s
+    RETURNING jobs.queue
+)
+INSERT INTO job_stats AS s (bucket, queue, failed)
+SELECT date_bin('10 seconds', now(), timestamptz '2000-01-01'), queue, count(*)
+FROM failed GROUP BY queue ORDER BY queue
+ON CONFLICT (bucket, queue) DO UPDATE SET failed = s.failed + EXCLUDED.failed
+"""
+
+# Hand back claimed jobs. Jobs that never started get their attempt back; started ones keep it.
+RELEASE = """
+UPDATE jobs
+SET locked_by = NULL, locked_at = NULL,
+    attempts = jobs.attempts - CASE WHEN r.started THEN 0 ELSE 1 END
+FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(started)s::bool[]) AS r(id, attempts, started)
+WHERE jobs.id = r.id AND jobs.attempts = r.attempts AND jobs.locked_by = %(worker)s
+"""
+
+# --- workers -------------------------------------------------------------------------------------
+
+REGISTER_WORKER = """
+INSERT INTO workers (name, host, pid, queues, concurrency, running, started_at, heartbeat_at)
+VALUES (%(name)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s, 0, now(), now())
+ON CONFLICT (name) DO UPDATE
+SET host = EXCLUDED.host, pid = EXCLUDED.pid, queues = EXCLUDED.queues,
+    concurrency = EXCLUDED.concurrency, running = 0, started_at = now(), heartbeat_at = now()
+"""
+
+# A new worker holds nothing yet, so any row still locked under its name was left by an earlier
+# process with the same host and pid that died. That attempt counts, as a crash.
+CLEAR_OWN_LOCKS = """
+UPDATE jobs
+SET locked_by = NULL, locked_at = NULL,
+    last_error = 'worker ' || locked_by || ' died while running attempt ' || attempts,
+    failed_at = CASE WHEN attempts >= max_attempts THEN now() END
+WHERE locked_by = %s
+"""
+
+HEARTBEAT = "UPDATE workers SET heartbeat_at = now(), running = %s WHERE name = %s"
+
+UNREGISTER_WORKER = "DELETE FROM workers WHERE name = %s"
+
+# Crash recovery. A job is orphaned when it has been locked longer than the lock timeout and its
+# worker has not heartbeaten within it (or has no row at all). The lost attempt counts, so a job
+# that kills its worker every time ends up dead instead of looping forever.
+REAP_ORPHANS = """
+UPDATE jobs
+SET locked_by = NULL, locked_at = NULL,
+    last_error = 'worker ' || jobs.locked_by || ' stopped heartbeating during attempt ' || jobs.attempts,
+    failed_at = CASE WHEN jobs.attempts >= jobs.max_attempts THEN now() END
+WHERE jobs.locked_by IS NOT NULL
+  AND jobs.locked_at < now() - %(lock_timeout)s * interval '1 second'
+  AND NOT EXISTS (
+      SELECT 1 FROM workers w
+      WHERE w.name = jobs.locked_by
+        AND w.heartbeat_at >= now() - %(lock_timeout)s * interval '1 second')
+RETURNING jobs.id, jobs.queue
+"""
+
+FORGET_STALE_WORKERS = """
+DELETE FROM workers WHERE heartbeat_at < now() - %(lock_timeout)s * interval '1 second'
+"""
+
+PRUNE_STATS = "DELETE FROM job_stats WHERE bucket < now() - interval '1 day'"
