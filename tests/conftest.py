@@ -1,0 +1,122 @@
+"""Shared fixtures. Every test talks to a real PostgreSQL server:
+DJ_DATABASE_URL if it is set, otherwise dj's embedded server. The session gets a database of its
+own on that server, and each test starts with empty tables."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import conninfo
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Before dj is imported: subprocesses (workers, the CLI) inherit all of this.
+os.environ.setdefault("DJ_HOME", str(Path(tempfile.gettempdir()) / "dj-test-home"))
+os.environ["DJ_TASKS"] = "tests.support_jobs"
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+import dj  # noqa: E402
+from dj import db  # noqa: E402
+from tests.support_jobs import RUNS_DDL  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def db_url():
+    server_url = os.environ.get("DJ_DATABASE_URL") or db.database_url()
+    name = f"dj_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = conninfo.make_conninfo(server_url, dbname=name)
+    os.environ["DJ_DATABASE_URL"] = url
+    db.use_database(url)
+    dj.migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(RUNS_DDL)
+    yield url
+    db.use_database(None)
+    for p in list(db._pools.values()):
+        p.close()
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def conn(db_url):
+    with psycopg.connect(db_url, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def clean_db(request, db_url):
+    """Empty every table before each test, so no test sees another's rows."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        tables = [r[0] for r in c.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")]
+        c.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE")
+    yield
+
+
+def dj_cli(*args: str, env: dict | None = None, timeout: float = 120, input: str | None = None):
+    """Run the real `dj` command in a subprocess; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "dj", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, input=input, cwd=ROOT)
+
+
+@pytest.fixture
+def cli(db_url):
+    return dj_cli
+
+
+def start_worker(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """`dj work ARGS` as a real background process."""
+    return subprocess.Popen([sys.executable, "-m", "dj", "work", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+@pytest.fixture
+def worker_process(db_url):
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str, env: dict | None = None) -> subprocess.Popen:
+        p = start_worker(*args, env=env)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+@pytest.fixture
+def run_burst(db_url):
+    """Drain queues with real worker processes (`dj work --burst`); returns the CompletedProcess."""
+
+    def run(queues=("default",), processes: int = 1, concurrency: int = 4, *extra: str, timeout: float = 300):
+        result = dj_cli("work", "--burst", "--queues", ",".join(queues), "--processes", str(processes),
+                        "--concurrency", str(concurrency), *extra, timeout=timeout)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    return run
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, message: str = "condition"):
+    """Poll until predicate() is truthy; fail the test with `message` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
