@@ -3,7 +3,7 @@ SELECT ... FOR UPDATE SKIP LOCKED."""
 
 from .admin import status
 from .context import JobContext, current_job
-from .db import connect, database_url, use_database
+from .db import connect, database_url, transaction, use_database
 from .errors import DatabaseUnavailable, DJError, Permanent, SchemaMissing
 from .schema import migrate
 from .supervisor import run_workers
@@ -12,6 +12,6 @@ from .worker import Worker
 
 __all__ = [
     "DJError", "DatabaseUnavailable", "JobContext", "Permanent", "SchemaMissing", "Task", "Worker",
-    "connect", "current_job", "database_url", "enqueue", "job", "migrate", "run_workers", "status",
+    "connect", "current_job", "database_url", "enqueue", "job", "migrate", "run_workers", "status", "transaction",
     "use_database",
 ]

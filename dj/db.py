@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -47,6 +49,16 @@ def pool(url: str | None = None) -> ConnectionPool:
             p.open(wait=False)
             _pools[url] = p
         return p
+
+
+@contextmanager
+def transaction(url: str | None = None) -> Iterator[psycopg.Connection]:
+    """A pooled connection for one transaction: committed on success, rolled back on error.
+
+    Jobs use this for their own queries; it saves a connection set-up per job.
+    """
+    with pool(url).connection() as conn:
+        yield conn
 
 
 def ensure_schema(conn: psycopg.Connection) -> None:

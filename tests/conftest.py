@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -75,17 +76,36 @@ def cli(db_url):
     return dj_cli
 
 
-def start_worker(*args: str, env: dict | None = None) -> subprocess.Popen:
-    """`dj work ARGS` as a real background process."""
-    return subprocess.Popen([sys.executable, "-m", "dj", "work", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+class WorkerProcess(subprocess.Popen):
+    """`dj work ARGS` as a real background process; its log (stderr) is collected as it comes."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        super().__init__([sys.executable, "-m", "dj", "work", *args], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+        self.log_lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.stderr:
+            self.log_lines.append(line)
+
+    def log(self) -> str:
+        return "".join(self.log_lines)
+
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
+        wait_for(lambda: text in self.log(), timeout=timeout, message=f"worker log line {text!r}")
+
+
+def start_worker(*args: str, env: dict | None = None) -> WorkerProcess:
+    return WorkerProcess(*args, env=env)
 
 
 @pytest.fixture
 def worker_process(db_url):
-    started: list[subprocess.Popen] = []
+    started: list[WorkerProcess] = []
 
-    def start(*args: str, env: dict | None = None) -> subprocess.Popen:
+    def start(*args: str, env: dict | None = None) -> WorkerProcess:
         p = start_worker(*args, env=env)
         started.append(p)
         return p

@@ -20,7 +20,7 @@ def _record(marker) -> None:
     ctx = dj.current_job()
     import os
 
-    with dj.connect() as conn:
+    with dj.transaction() as conn:
         conn.execute("INSERT INTO test_runs (job_id, marker, attempt, pid) VALUES (%s, %s, %s, %s)",
                      (ctx.id if ctx else 0, str(marker), ctx.attempt if ctx else 0, os.getpid()))
 
@@ -60,3 +60,10 @@ def sleep(seconds: float, marker="sleep") -> None:
     _record(f"{marker}:start")
     time.sleep(seconds)
     _record(f"{marker}:end")
+
+
+@job(name="test.hang_first_attempt")
+def hang_first_attempt(marker, seconds: float = 120) -> None:
+    _record(marker)
+    if dj.current_job().attempt == 1:
+        time.sleep(seconds)

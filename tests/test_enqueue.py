@@ -1,0 +1,99 @@
+"""Enqueueing through the Python API: rows, options, transactions, validation and NOTIFY."""
+
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+
+import dj
+from dj import job
+from tests.support_jobs import record
+
+
+def test_enqueue_writes_one_row_with_the_task_defaults(conn):
+    job_id = record.enqueue("m")
+    row = conn.execute("SELECT task, queue, priority, args, kwargs, attempts, max_attempts, locked_by, failed_at"
+                       " FROM jobs WHERE id = %s", (job_id,)).fetchone()
+    assert row == ("test.record", "default", 0, ["m"], {}, 0, 25, None, None)
+
+
+def test_using_overrides_queue_priority_and_run_at(conn):
+    when = datetime.now(timezone.utc) + timedelta(minutes=5)
+    job_id = record.using(queue="slow", priority=5, run_at=when).enqueue(7)
+    queue, priority, run_at = conn.execute("SELECT queue, priority, run_at FROM jobs WHERE id = %s",
+                                           (job_id,)).fetchone()
+    assert (queue, priority) == ("slow", 5)
+    assert abs((run_at - when).total_seconds()) < 0.001
+
+
+def test_enqueue_many_is_one_statement_and_keeps_order(conn):
+    ids = record.enqueue_many([(1,), (2,), {"marker": 3}])
+    assert ids == sorted(ids) and len(ids) == 3
+    rows = conn.execute("SELECT args, kwargs FROM jobs ORDER BY id").fetchall()
+    assert rows == [([1], {}), ([2], {}), ([], {"marker": 3})]
+    assert record.enqueue_many([]) == []
+
+
+@pytest.mark.parametrize("bad", [object(), {1, 2}, float("nan"), b"bytes"])
+def test_arguments_that_are_not_json_raise_type_error_and_write_nothing(conn, bad):
+    with pytest.raises(TypeError):
+        record.enqueue(bad)
+    with pytest.raises(TypeError):
+        record.enqueue_many([(1,), (bad,)])
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+
+
+def test_enqueue_in_a_rolled_back_transaction_leaves_no_job(db_url, conn):
+    with psycopg.connect(db_url) as tx:
+        record.using(conn=tx).enqueue("ghost")
+        record.using(conn=tx).enqueue_many([("ghost2",)])
+        assert tx.execute("SELECT count(*) FROM jobs").fetchone()[0] == 2  # visible inside
+        tx.rollback()
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+
+
+def test_enqueue_in_a_committed_transaction_appears_at_commit(db_url, conn):
+    with psycopg.connect(db_url) as tx:
+        job_id = record.using(conn=tx).enqueue("real")
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0  # not yet committed
+        tx.commit()
+    assert conn.execute("SELECT id FROM jobs").fetchone()[0] == job_id
+
+
+def test_every_enqueue_call_sends_one_notify_with_the_queue(db_url):
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("LISTEN dj_jobs")
+        record.using(queue="mail").enqueue(1)
+        record.using(queue="reports").enqueue_many([(i,) for i in range(50)])
+        payloads = [n.payload for n in listener.notifies(timeout=2.0, stop_after=2)]
+    assert payloads == ["mail", "reports"]
+
+
+def test_a_rolled_back_enqueue_notifies_nobody(db_url):
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("LISTEN dj_jobs")
+        with psycopg.connect(db_url) as tx:
+            record.using(conn=tx).enqueue(1)
+            tx.rollback()
+        assert list(listener.notifies(timeout=0.5)) == []
+
+
+def test_name_defaults_to_module_and_function():
+    @job(queue="q9")
+    def some_function():
+        pass
+
+    assert some_function.name == f"{__name__}.test_name_defaults_to_module_and_function.<locals>.some_function"
+    assert dj.task.lookup(some_function.name) is some_function
+
+
+def test_enqueue_by_name_refuses_unknown_tasks():
+    with pytest.raises(dj.DJError, match="unknown task 'missing.task'"):
+        dj.enqueue("missing.task")
+
+
+@pytest.mark.parametrize("priority", [40000, -40000, 1.5])
+def test_priority_out_of_range_is_refused(conn, priority):
+    with pytest.raises(ValueError):
+        record.using(priority=priority).enqueue(1)
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
