@@ -2,12 +2,13 @@
 
 import random
 import threading
-import time
 
+import psycopg
 import pytest
 
 import dj
 from tasks import counters, seed
+from tests.conftest import wait_for
 
 ALL_COUNTERS = """
 SELECT 'users' AS t, id, orders_count, NULL::int FROM users
@@ -153,10 +154,8 @@ def test_an_empty_database_has_nothing_to_rebuild(conn):
     assert counters.check(conn) == []
 
 
-def answer_continuously(db_url, stop: threading.Event, maintain_counters: bool) -> int:
-    """Insert answers one transaction at a time until stopped; returns how many."""
-    import psycopg
-
+def answer_continuously(db_url, stop: threading.Event) -> int:
+    """Insert answers, one transaction each, until stopped; returns how many."""
     inserted = 0
     with psycopg.connect(db_url) as writer:
         while not stop.is_set() or inserted < 50:
@@ -165,15 +164,6 @@ def answer_continuously(db_url, stop: threading.Event, maintain_counters: bool) 
                 writer.execute(
                     "INSERT INTO answers (question_id, body, approved) VALUES (%s, 'a', %s)", (question, approved)
                 )
-                if maintain_counters:
-                    writer.execute(
-                        "UPDATE questions SET answers_count = answers_count + 1,"
-                        " approved_answers_count = approved_answers_count + %s::int WHERE id = %s",
-                        (approved, question),
-                    )
-                    # An application does more work before it commits; this is the window in
-                    # which a rebuild that counted first and locked second would lose the increment.
-                    time.sleep(0.002)
             inserted += 1
     return inserted
 
@@ -183,7 +173,7 @@ def test_rebuilds_alongside_inserts_end_correct_after_one_final_rebuild(db_url, 
     seed.insert_answers(conn, 2000)
     stop = threading.Event()
     inserted = []
-    writers = [threading.Thread(target=lambda: inserted.append(answer_continuously(db_url, stop, False)))
+    writers = [threading.Thread(target=lambda: inserted.append(answer_continuously(db_url, stop)))
                for _ in range(2)]
     for w in writers:
         w.start()
@@ -204,27 +194,41 @@ def test_rebuilds_alongside_inserts_end_correct_after_one_final_rebuild(db_url, 
     assert conn.execute("SELECT sum(answers_count) FROM questions").fetchone()[0] == 2000 + sum(inserted)
 
 
-def test_rebuilds_lose_no_increment_of_writers_that_maintain_the_counters(db_url, conn):
-    seed.insert_questions(conn, 200)
-    seed.insert_answers(conn, 2000)
-    counters.rebuild_table(conn, "questions")
-    stop = threading.Event()
-    inserted = []
-    writers = [threading.Thread(target=lambda: inserted.append(answer_continuously(db_url, stop, True)))
-               for _ in range(3)]
-    for w in writers:
-        w.start()
-    try:
-        import psycopg
+def blocked_on_a_lock(conn, pid) -> bool:
+    return conn.execute(
+        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,)
+    ).fetchone()[0]
 
-        with psycopg.connect(db_url, autocommit=True) as rebuilder:
-            for _ in range(15):
-                for first, last in counters.plan_ranges(rebuilder, "questions", 13):
-                    counters.rebuild_range(rebuilder, "questions", first, last)
-    finally:
-        stop.set()
-        for w in writers:
-            w.join()
 
-    assert sum(inserted) >= 150
+def test_a_rebuild_waits_for_a_writer_that_maintains_the_counter_and_counts_its_answer(db_url, conn):
+    seed.insert_questions(conn, 3)
+    seed.insert_answers(conn, 10)
+    conn.execute("UPDATE questions SET answers_count = 99 WHERE id = 2")
+    with psycopg.connect(db_url) as writer, psycopg.connect(db_url, autocommit=True) as rebuilder:
+        writer.execute("INSERT INTO answers (question_id, body, approved) VALUES (2, 'a', true)")
+        writer.execute(
+            "UPDATE questions SET answers_count = answers_count + 1,"
+            " approved_answers_count = approved_answers_count + 1 WHERE id = 2"
+        )
+        rebuild = threading.Thread(target=counters.rebuild_range, args=(rebuilder, "questions", 1, 3))
+        rebuild.start()
+        wait_for(lambda: blocked_on_a_lock(conn, rebuilder.info.backend_pid), message="the rebuild to wait")
+        # Had the rebuild counted before taking its locks, it would now overwrite the
+        # writer's increment with a count that misses the writer's answer.
+        writer.commit()
+        rebuild.join(30)
+    assert not rebuild.is_alive()
+    assert counters.check(conn) == []
+
+
+def test_a_rebuild_does_not_wait_for_plain_answer_inserts(db_url, conn):
+    seed.insert_questions(conn, 3)
+    with psycopg.connect(db_url) as writer:
+        # The insert's foreign-key check holds FOR KEY SHARE on question 2 until commit.
+        writer.execute("INSERT INTO answers (question_id, body, approved) VALUES (2, 'a', true)")
+        counters.rebuild_range(conn, "questions", 1, 3)
+        assert counters.check(conn) == []
+        writer.execute("UPDATE questions SET answers_count = answers_count + 1,"
+                       " approved_answers_count = approved_answers_count + 1 WHERE id = 2")
+        writer.commit()
     assert counters.check(conn) == []

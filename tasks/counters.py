@@ -1,0 +1,250 @@
+"""Counter-cache rebuilds, in batches of ids, after the DelayedJob aggregation rake tasks.
+
+A rebuild recomputes one table's counters for the ids in [first, last] with one
+set-based UPDATE. It is idempotent: running it again, or twice at once, leaves
+the same values.
+
+Concurrency. The rebuild first locks its parent rows (FOR NO KEY UPDATE, in id
+order), then counts in a second statement. Under READ COMMITTED that second
+statement's snapshot is taken after the locks are held, so a writer that inserts
+a child and increments the parent's counter in one transaction is either fully
+counted (it committed before the lock was granted) or increments the rebuilt
+value afterwards: no increment is lost. Children inserted without touching the
+counter (as the seeders do) make the counter stale again, and the next rebuild
+fixes it. The lock does not block such inserts: their foreign-key checks take
+FOR KEY SHARE, which does not conflict with FOR NO KEY UPDATE.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+import dj
+from dj import job
+
+COUNTERS = {
+    "users": (("orders_count", "orders", "user_id", None),),
+    "items": (("orders_count", "order_items", "item_id", None),),
+    "orders": (("items_count", "order_items", "order_id", None),),
+    "questions": (
+        ("answers_count", "answers", "question_id", None),
+        ("approved_answers_count", "answers", "question_id", "approved"),
+    ),
+}
+"""table -> (counter column, child table, child's foreign key, child filter column)."""
+
+TABLES = tuple(COUNTERS)
+
+REBUILD = {
+    "users": """
+        UPDATE users AS u
+        SET orders_count = fresh.orders_count, updated_at = now()
+        FROM (
+            SELECT users.id, coalesce(c.n, 0) AS orders_count
+            FROM users
+            LEFT JOIN (
+                SELECT user_id, count(*) AS n
+                FROM orders
+                WHERE user_id BETWEEN %(first)s AND %(last)s
+                GROUP BY user_id
+            ) AS c ON c.user_id = users.id
+            WHERE users.id BETWEEN %(first)s AND %(last)s
+        ) AS fresh
+        WHERE u.id = fresh.id
+          AND u.orders_count <> fresh.orders_count
+    """,
+    "items": """
+        UPDATE items AS i
+        SET orders_count = fresh.orders_count, updated_at = now()
+        FROM (
+            SELECT items.id, coalesce(c.n, 0) AS orders_count
+            FROM items
+            LEFT JOIN (
+                SELECT item_id, count(*) AS n
+                FROM order_items
+                WHERE item_id BETWEEN %(first)s AND %(last)s
+                GROUP BY item_id
+            ) AS c ON c.item_id = items.id
+            WHERE items.id BETWEEN %(first)s AND %(last)s
+        ) AS fresh
+        WHERE i.id = fresh.id
+          AND i.orders_count <> fresh.orders_count
+    """,
+    "orders": """
+        UPDATE orders AS o
+        SET items_count = fresh.items_count, updated_at = now()
+        FROM (
+            SELECT orders.id, coalesce(c.n, 0) AS items_count
+            FROM orders
+            LEFT JOIN (
+                SELECT order_id, count(*) AS n
+                FROM order_items
+                WHERE order_id BETWEEN %(first)s AND %(last)s
+                GROUP BY order_id
+            ) AS c ON c.order_id = orders.id
+            WHERE orders.id BETWEEN %(first)s AND %(last)s
+        ) AS fresh
+        WHERE o.id = fresh.id
+          AND o.items_count <> fresh.items_count
+    """,
+    "questions": """
+        UPDATE questions AS q
+        SET answers_count = fresh.answers_count,
+            approved_answers_count = fresh.approved_answers_count,
+            updated_at = now()
+        FROM (
+            SELECT questions.id,
+                   coalesce(c.n, 0) AS answers_count,
+                   coalesce(c.approved, 0) AS approved_answers_count
+            FROM questions
+            LEFT JOIN (
+                SELECT question_id, count(*) AS n, count(*) FILTER (WHERE approved) AS approved
+                FROM answers
+                WHERE question_id BETWEEN %(first)s AND %(last)s
+                GROUP BY question_id
+            ) AS c ON c.question_id = questions.id
+            WHERE questions.id BETWEEN %(first)s AND %(last)s
+        ) AS fresh
+        WHERE q.id = fresh.id
+          AND (q.answers_count, q.approved_answers_count)
+              <> (fresh.answers_count, fresh.approved_answers_count)
+    """,
+}
+
+
+def _table(table: str) -> str:
+    if table not in COUNTERS:
+        raise dj.DJError(f"unknown table {table!r}; valid tables: all, {', '.join(TABLES)}")
+    return table
+
+
+def _tables(table: str) -> tuple[str, ...]:
+    return TABLES if table == "all" else (_table(table),)
+
+
+def rebuild_range(conn: psycopg.Connection, table: str, first: int, last: int) -> int:
+    """Recompute `table`'s counters for ids in [first, last]; returns the rows changed."""
+    _table(table)
+    with conn.transaction():
+        # Locking in id order keeps overlapping rebuilds from deadlocking; see the module
+        # docstring for why the lock comes before the counting statement.
+        conn.execute(
+            sql.SQL(
+                "SELECT id FROM {} WHERE id BETWEEN %s AND %s ORDER BY id FOR NO KEY UPDATE"
+            ).format(sql.Identifier(table)),
+            (first, last),
+        )
+        return conn.execute(REBUILD[table], {"first": first, "last": last}).rowcount
+
+
+def rebuild_table(conn: psycopg.Connection, table: str) -> int:
+    """Recompute all of `table`'s counters in one statement; returns the rows changed."""
+    with conn.transaction():
+        low, high = conn.execute(
+            sql.SQL("SELECT min(id), max(id) FROM {}").format(sql.Identifier(_table(table)))
+        ).fetchone()
+        if low is None:
+            return 0
+        return rebuild_range(conn, table, low, high)
+
+
+def plan_ranges(conn: psycopg.Connection, table: str, batch: int) -> list[tuple[int, int]]:
+    """Split `table`'s existing ids into consecutive [first, last] ranges of `batch` ids each."""
+    _check_batch(batch)
+    rows = conn.execute(
+        sql.SQL(
+            """
+            SELECT min(id), max(id)
+            FROM (SELECT id, (row_number() OVER (ORDER BY id) - 1) / %s AS chunk FROM {}) AS numbered
+            GROUP BY chunk
+            ORDER BY chunk
+            """
+        ).format(sql.Identifier(_table(table))),
+        (batch,),
+    ).fetchall()
+    return [(first, last) for first, last in rows]
+
+
+def _check_batch(batch: object) -> None:
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise dj.DJError("--batch must be a positive integer")
+
+
+@job(name="counters.rebuild")
+def rebuild(table: str, first: int, last: int) -> None:
+    with dj.connect() as conn:
+        rebuild_range(conn, table, first, last)
+
+
+@job(name="counters.rebuild_all")
+def rebuild_all_serial(table: str = "all") -> None:
+    """Rebuild whole tables, one statement per table, in a single job."""
+    with dj.connect() as conn:
+        for name in _tables(table):
+            rebuild_table(conn, name)
+
+
+def enqueue_rebuild(
+    batch: int, table: str = "all", queue: str = "default", priority: int = 0
+) -> list[tuple[str, int, int]]:
+    """Enqueue one `counters.rebuild` job per `batch` ids of each table; returns the ranges."""
+    _check_batch(batch)
+    tables = _tables(table)
+    with dj.connect() as conn:
+        planned = [(name, first, last) for name in tables for first, last in plan_ranges(conn, name, batch)]
+    if planned:
+        rebuild.using(queue=queue, priority=priority).enqueue_many(planned)
+    return planned
+
+
+def check(conn: psycopg.Connection, limit: int | None = None) -> list[dict]:
+    """Every counter that differs from the true count, ordered by table, column and id."""
+    mismatches: list[dict] = []
+    for table, counters in COUNTERS.items():
+        for column, child, key, only in counters:
+            condition = sql.SQL("WHERE {}").format(sql.Identifier(only)) if only else sql.SQL("")
+            query = sql.SQL(
+                """
+                SELECT p.id, p.{column}, coalesce(c.n, 0)
+                FROM {table} AS p
+                LEFT JOIN (
+                    SELECT {key} AS parent_id, count(*) AS n FROM {child} {condition} GROUP BY {key}
+                ) AS c ON c.parent_id = p.id
+                WHERE p.{column} <> coalesce(c.n, 0)
+                ORDER BY p.id
+                """
+            ).format(
+                column=sql.Identifier(column),
+                table=sql.Identifier(table),
+                key=sql.Identifier(key),
+                child=sql.Identifier(child),
+                condition=condition,
+            )
+            for id_, cached, actual in conn.execute(query):
+                mismatches.append(
+                    {"table": table, "column": column, "id": id_, "cached": cached, "actual": actual}
+                )
+                if limit is not None and len(mismatches) >= limit:
+                    return mismatches
+    return mismatches
+
+
+def corrupt(conn: psycopg.Connection, fraction: float) -> int:
+    """Add 1 to 5 to about `fraction` of every counter (the demo's damage); returns rows hit."""
+    if not 0 <= fraction <= 1:
+        raise dj.DJError("fraction must be between 0 and 1")
+    hit = 0
+    with conn.transaction():
+        for table, counters in COUNTERS.items():
+            assignments = sql.SQL(", ").join(
+                sql.SQL("{0} = {0} + 1 + floor(random() * 5)::int").format(sql.Identifier(column))
+                for column, *_ in counters
+            )
+            hit += conn.execute(
+                sql.SQL("UPDATE {} SET {} WHERE random() < %s").format(
+                    sql.Identifier(table), assignments
+                ),
+                (fraction,),
+            ).rowcount
+    return hit
