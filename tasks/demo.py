@@ -1,0 +1,280 @@
+"""`dj demo`: the whole workload end to end, with timings.
+
+1. Seed the storefront in slow mode twice: one big job per generator, then one job
+   per record, both on the same workers. Big jobs cannot use more than one thread each.
+2. Seed the Q&A board in fast mode, in jobs that the two worker processes share.
+3. Damage the counter caches, rebuild them with one serial job, damage them again,
+   rebuild them with batched jobs of 1000 ids, and check them.
+
+The demo works its own queue, so it never runs, or deletes, the user's jobs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import dj
+from dj import job
+
+from . import counters, schema, seed
+
+QUEUE = "demo"
+PROCESSES = 2
+THREADS = 10
+REBUILD_BATCH = 1000
+CORRUPT_FRACTION = 0.1
+QA_JOBS = 20
+
+
+@dataclass(frozen=True)
+class Scale:
+    users: int
+    items: int
+    orders: int
+    questions: int
+    answers: int
+
+
+SCALES = {
+    "small": Scale(users=4, items=4, orders=2, questions=2_000, answers=20_000),
+    "default": Scale(users=30, items=40, orders=30, questions=100_000, answers=1_000_000),
+    "large": Scale(users=60, items=80, orders=60, questions=1_000_000, answers=10_000_000),
+}
+
+
+class DemoFailed(Exception):
+    """Some demo jobs did not succeed, or the counters are still wrong after the rebuild."""
+
+
+@job(name="tasks.demo.noop")
+def noop(*args, **kwargs) -> None:
+    pass
+
+
+def reset(tables: tuple[str, ...] = schema.TABLES) -> None:
+    with dj.connect() as conn:
+        conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+
+
+def _work(url: str) -> None:
+    dj.use_database(url)
+    dj.run_workers(queues=[QUEUE], concurrency=THREADS, processes=PROCESSES)
+
+
+class _Workers:
+    """Long-running workers on the demo queue, started once, like workers already running in
+    other terminals: the timings are then from enqueue to the last job done, without the
+    workers' start-up."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.process: multiprocessing.process.BaseProcess | None = None
+
+    def __enter__(self) -> "_Workers":
+        with dj.connect(autocommit=True) as conn:
+            since = conn.execute("SELECT now()").fetchone()[0]
+            self.process = multiprocessing.get_context("spawn").Process(
+                target=_work, args=(dj.database_url(),), name="dj-demo-workers"
+            )
+            self.process.start()
+            deadline = time.monotonic() + 60
+            while conn.execute(
+                "SELECT count(*) FROM workers WHERE %s = ANY(queues) AND started_at >= %s",
+                (QUEUE, since),
+            ).fetchone()[0] < PROCESSES:
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise DemoFailed("the demo's workers did not start within 60 s")
+                time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # SIGTERM: the supervisor forwards it, and the workers finish their jobs and exit.
+        self.process.terminate()
+        self.process.join(60)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+    def _check_alive(self) -> None:
+        if not self.process.is_alive():
+            raise DemoFailed(f"the demo's workers exited with code {self.process.exitcode}")
+
+    def drain(self, label: str) -> None:
+        """Wait, with a progress bar, until every job in the demo queue has succeeded."""
+        progress = Progress(
+            TextColumn("{task.description:<34}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
+        with dj.connect(autocommit=True) as conn, progress:
+            bar = None
+            while True:
+                pending, dead = conn.execute(
+                    """
+                    SELECT count(*) FILTER (WHERE failed_at IS NULL),
+                           count(*) FILTER (WHERE failed_at IS NOT NULL)
+                    FROM jobs WHERE queue = %s
+                    """,
+                    (QUEUE,),
+                ).fetchone()
+                if bar is None:
+                    bar = progress.add_task(label, total=pending)
+                progress.update(bar, completed=progress.tasks[bar].total - pending)
+                if dead:
+                    raise DemoFailed(
+                        f"{dead} demo job(s) failed for good; see 'dj jobs list --queue {QUEUE}'"
+                    )
+                if not pending:
+                    return
+                self._check_alive()
+                time.sleep(0.02)
+
+
+def _seed_storefront(workers: _Workers, scale: Scale, per_job: int | None, label: str) -> tuple[float, int]:
+    """Parents first, then orders: an order job that finds no user or item would be retried
+    seconds later, after the burst workers have left."""
+    reset(("users", "items", "orders", "order_items"))
+    started = time.perf_counter()
+    parents = seed.enqueue_seed(
+        users=scale.users, items=scale.items, orders=0, per_job=per_job, slow=True, queue=QUEUE
+    )
+    workers.drain(f"{label}: users, items")
+    children = seed.enqueue_seed(
+        users=0, items=0, orders=scale.orders, per_job=per_job, slow=True, queue=QUEUE
+    )
+    workers.drain(f"{label}: orders")
+    jobs = sum(s["jobs"] for s in parents.values()) + sum(s["jobs"] for s in children.values())
+    return time.perf_counter() - started, jobs
+
+
+def _seed_qa(workers: _Workers, scale: Scale) -> tuple[float, int]:
+    started = time.perf_counter()
+    parents = seed.enqueue_seed(
+        users=0, items=0, orders=0, questions=scale.questions,
+        per_job=max(1, -(-scale.questions // QA_JOBS)), queue=QUEUE,
+    )
+    workers.drain("Q&A: questions")
+    children = seed.enqueue_seed(
+        users=0, items=0, orders=0, answers=scale.answers,
+        per_job=max(1, -(-scale.answers // QA_JOBS)), queue=QUEUE,
+    )
+    workers.drain("Q&A: answers")
+    return time.perf_counter() - started, parents["questions"]["jobs"] + children["answers"]["jobs"]
+
+
+def _vacuum() -> float:
+    """Fresh statistics and visibility map after the bulk load, as after any big import,
+    so that both rebuilds run against the plans a settled database would get."""
+    started = time.perf_counter()
+    with dj.connect(autocommit=True) as conn:
+        conn.execute(f"VACUUM ANALYZE {', '.join(schema.TABLES)}")
+    return time.perf_counter() - started
+
+
+def _corrupt() -> int:
+    with dj.connect() as conn:
+        return counters.corrupt(conn, CORRUPT_FRACTION)
+
+
+def _check(label: str) -> None:
+    with dj.connect() as conn:
+        wrong = counters.check(conn, limit=1000)
+    if wrong:
+        raise DemoFailed(f"{len(wrong)} counter(s) still wrong after the {label} rebuild")
+
+
+def run(scale: str = "default", console: Console | None = None) -> dict:
+    """Run the demo on the configured database; returns its timings in seconds."""
+    if scale not in SCALES:
+        raise dj.DJError(f"unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
+    size = SCALES[scale]
+    console = console or Console()
+
+    dj.migrate()
+    with dj.connect() as conn:
+        # Leftovers of an interrupted demo would be counted as this run's work.
+        conn.execute("DELETE FROM jobs WHERE queue = %s", (QUEUE,))
+    reset()
+    console.print(f"[bold]dj demo[/bold] ({scale}): {PROCESSES} worker processes x {THREADS} threads")
+
+    with _Workers(console) as workers:
+        big_s, big_jobs = _seed_storefront(workers, size, None, "storefront, big jobs")
+        small_s, small_jobs = _seed_storefront(workers, size, 1, "storefront, small jobs")
+        qa_s, qa_jobs = _seed_qa(workers, size)
+        vacuum_s = _vacuum()
+
+        corrupted_serial = _corrupt()
+        started = time.perf_counter()
+        counters.rebuild_all_serial.using(queue=QUEUE).enqueue("all")
+        workers.drain("rebuild: one serial job")
+        serial_s = time.perf_counter() - started
+        _check("serial")
+
+        corrupted_batched = _corrupt()
+        started = time.perf_counter()
+        ranges = counters.enqueue_rebuild(REBUILD_BATCH, queue=QUEUE)
+        workers.drain(f"rebuild: {len(ranges)} jobs of {REBUILD_BATCH} ids")
+        batched_s = time.perf_counter() - started
+        _check("batched")
+
+    timings = {
+        "scale": scale,
+        "storefront_records": size.users + size.items + size.orders,
+        "storefront_big_jobs_s": big_s,
+        "storefront_big_jobs": big_jobs,
+        "storefront_small_jobs_s": small_s,
+        "storefront_small_jobs": small_jobs,
+        "storefront_speedup": big_s / small_s,
+        "qa_questions": size.questions,
+        "qa_answers": size.answers,
+        "qa_seed_s": qa_s,
+        "qa_jobs": qa_jobs,
+        "vacuum_analyze_s": vacuum_s,
+        "corrupted_rows": corrupted_serial + corrupted_batched,
+        "rebuild_serial_s": serial_s,
+        "rebuild_batched_s": batched_s,
+        "rebuild_batched_jobs": len(ranges),
+        "rebuild_speedup": serial_s / batched_s,
+        "mismatches": 0,
+    }
+    console.print(_summary(timings))
+    return timings
+
+
+def _summary(t: dict) -> Table:
+    table = Table("step", "jobs", "seconds", "notes", title=f"dj demo ({t['scale']})")
+    table.add_row(
+        f"storefront, slow, {t['storefront_records']} records: one big job per generator",
+        str(t["storefront_big_jobs"]), f"{t['storefront_big_jobs_s']:.2f}", "",
+    )
+    table.add_row(
+        "storefront, slow: one job per record",
+        str(t["storefront_small_jobs"]), f"{t['storefront_small_jobs_s']:.2f}",
+        f"{t['storefront_speedup']:.1f}x faster",
+    )
+    rows = t["qa_questions"] + t["qa_answers"]
+    table.add_row(
+        f"Q&A: {t['qa_questions']:,} questions, {t['qa_answers']:,} answers (COPY)",
+        str(t["qa_jobs"]), f"{t['qa_seed_s']:.2f}", f"{rows / t['qa_seed_s']:,.0f} rows/s",
+    )
+    table.add_row("VACUUM ANALYZE after the load", "", f"{t['vacuum_analyze_s']:.2f}", "")
+    table.add_row(
+        "rebuild counters: one serial job", "1", f"{t['rebuild_serial_s']:.2f}",
+        f"after damaging {CORRUPT_FRACTION:.0%} of the counters",
+    )
+    table.add_row(
+        f"rebuild counters: batches of {REBUILD_BATCH} ids",
+        str(t["rebuild_batched_jobs"]), f"{t['rebuild_batched_s']:.2f}",
+        f"{t['rebuild_speedup']:.1f}x the serial job's speed",
+    )
+    table.add_row("counters check", "", "", "all counters correct")
+    return table
