@@ -36,6 +36,9 @@ COUNTERS = {
 
 TABLES = tuple(COUNTERS)
 
+# Each UPDATE repeats the range on its target: PostgreSQL does not carry a range through a
+# join, and without it the target table would be scanned in full for every batch.
+
 REBUILD = {
     "users": """
         UPDATE users AS u
@@ -52,6 +55,7 @@ REBUILD = {
             WHERE users.id BETWEEN %(first)s AND %(last)s
         ) AS fresh
         WHERE u.id = fresh.id
+          AND u.id BETWEEN %(first)s AND %(last)s
           AND u.orders_count <> fresh.orders_count
     """,
     "items": """
@@ -69,6 +73,7 @@ REBUILD = {
             WHERE items.id BETWEEN %(first)s AND %(last)s
         ) AS fresh
         WHERE i.id = fresh.id
+          AND i.id BETWEEN %(first)s AND %(last)s
           AND i.orders_count <> fresh.orders_count
     """,
     "orders": """
@@ -86,6 +91,7 @@ REBUILD = {
             WHERE orders.id BETWEEN %(first)s AND %(last)s
         ) AS fresh
         WHERE o.id = fresh.id
+          AND o.id BETWEEN %(first)s AND %(last)s
           AND o.items_count <> fresh.items_count
     """,
     "questions": """
@@ -107,6 +113,7 @@ REBUILD = {
             WHERE questions.id BETWEEN %(first)s AND %(last)s
         ) AS fresh
         WHERE q.id = fresh.id
+          AND q.id BETWEEN %(first)s AND %(last)s
           AND (q.answers_count, q.approved_answers_count)
               <> (fresh.answers_count, fresh.approved_answers_count)
     """,
