@@ -34,7 +34,7 @@ def task_modules() -> list[str]:
 
 _PASSWORD_IN_URL = re.compile(r"(://[^:/?#@]*:)([^@/?#]*)(@)")
 _PASSWORD_IN_QUERY = re.compile(r"(?i)(password=)([^&\s]*)")
-_PASSWORD_IN_DSN = re.compile(r"(?i)(\bpassword\s*=\s*)('[^']*'|\S+)")
+_PASSWORD_IN_DSN = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+)")
 
 
 def mask_url(url: str) -> str:

@@ -35,6 +35,9 @@ def connect(url: str | None = None, *, autocommit: bool = False, **kwargs) -> ps
     except psycopg.OperationalError as exc:
         reason = config.mask_secrets(str(exc).strip().splitlines()[0] if str(exc).strip() else "unreachable", url)
         raise DatabaseUnavailable(f"cannot connect to {config.mask_url(url)}: {reason}") from exc
+    except psycopg.ProgrammingError as exc:  # a malformed URL; libpq's message quotes it, password and all
+        reason = config.mask_secrets(str(exc).strip().splitlines()[0] if str(exc).strip() else "malformed", url)
+        raise DatabaseUnavailable(f"invalid database URL {config.mask_url(url)}: {reason}") from exc
 
 
 def pool(url: str | None = None) -> ConnectionPool:
