@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 import psycopg
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import admin, db, embedded, schema, task as task_mod
@@ -114,7 +115,10 @@ def enqueue_job(
     if priority is not None:
         options["priority"] = priority
     if in_ is not None:
-        options["run_at"] = datetime.now(timezone.utc) + timedelta(seconds=parse_duration(in_))
+        try:
+            options["run_at"] = datetime.now(timezone.utc) + timedelta(seconds=parse_duration(in_))
+        except OverflowError:
+            raise DJError(f"--in {in_!r} is too far in the future") from None
     if at is not None:
         options["run_at"] = parse_time(at)
     if task_mod.lookup(name) is None:
@@ -124,7 +128,7 @@ def enqueue_job(
         job_id = task_mod.enqueue(name, positional, keywords, **options)
     except (TypeError, ValueError) as exc:
         raise DJError(str(exc)) from None
-    out.print(f"enqueued job {job_id} ({name})")
+    out.print(f"enqueued job {job_id} ({escape(name)})")
 
 
 @enqueue_app.command("seed")
@@ -187,11 +191,13 @@ def work(
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Threads per process.", min=1)] = 8,
     processes: Annotated[int, typer.Option("--processes", "-P", help="Worker processes.", min=1)] = 1,
     burst: Annotated[bool, typer.Option("--burst", help="Exit once no ready job is left (jobs:workoff).")] = False,
-    min_priority: Annotated[Optional[int], typer.Option("--min-priority")] = None,
-    max_priority: Annotated[Optional[int], typer.Option("--max-priority")] = None,
+    min_priority: Annotated[Optional[int], typer.Option(
+        "--min-priority", help="Claim only jobs with at least this priority.")] = None,
+    max_priority: Annotated[Optional[int], typer.Option(
+        "--max-priority", help="Claim only jobs with at most this priority.")] = None,
     lock_timeout: Annotated[Optional[float], typer.Option(
         "--lock-timeout", help="Seconds without a heartbeat before a worker's jobs are reclaimed "
-        "[env DJ_LOCK_TIMEOUT; default 300].")] = None,
+        "\\[env DJ_LOCK_TIMEOUT; default 300].")] = None,
     shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout",
                                                     help="Seconds to let running jobs finish on SIGTERM.")] = 25.0,
     default_timeout: Annotated[Optional[float], typer.Option(
@@ -231,7 +237,7 @@ def _status_table(doc: dict[str, Any]) -> Table:
                       f"{doc['throughput']['failed_last_minute']} failed in the last minute; "
                       f"{len(doc['workers'])} worker(s)"))
     for name, q in doc["queues"].items():
-        table.add_row(name, *(str(q[k]) for k in ("ready", "scheduled", "running", "retrying", "dead")),
+        table.add_row(escape(name), *(str(q[k]) for k in ("ready", "scheduled", "running", "retrying", "dead")),
                       f"{q['oldest_ready_age_s']:.1f}s")
     t = doc["totals"]
     table.add_row("[bold]total", *(f"[bold]{t[k]}" for k in ("ready", "scheduled", "running", "retrying", "dead")),
@@ -278,9 +284,10 @@ def jobs_list(
     table = Table("id", "state", "queue", "pri", "task", "attempts", "run_at", "last error")
     for r in rows:
         error = (r["last_error"] or "").strip().splitlines()
-        table.add_row(str(r["id"]), r["state"], r["queue"], str(r["priority"]), r["task"],
+        # Queue, task and error are user text: "[/]" in them must print as is, not as rich markup.
+        table.add_row(str(r["id"]), r["state"], escape(r["queue"]), str(r["priority"]), escape(r["task"]),
                       f"{r['attempts']}/{r['max_attempts']}", f"{r['run_at']:%Y-%m-%d %H:%M:%S}",
-                      error[-1][:60] if error else "", )
+                      escape(error[-1][:60]) if error else "", )
     out.print(table)
 
 
@@ -373,8 +380,9 @@ def db_stop() -> None:
 
 
 @db_app.command("url")
-def db_url() -> None:
+def db_url(database_url: DatabaseUrl = None) -> None:
     """Print the URL dj uses: --database-url/DJ_DATABASE_URL, else the embedded server's."""
+    _use(database_url)
     print(db.database_url())
 
 
