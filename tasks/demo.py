@@ -253,28 +253,28 @@ def run(scale: str = "default", console: Console | None = None) -> dict:
 def _summary(t: dict) -> Table:
     table = Table("step", "jobs", "seconds", "notes", title=f"dj demo ({t['scale']})")
     table.add_row(
-        f"storefront, slow, {t['storefront_records']} records: one big job per generator",
-        str(t["storefront_big_jobs"]), f"{t['storefront_big_jobs_s']:.2f}", "",
+        f"storefront: {t['storefront_records']} slow records",
+        str(t["storefront_big_jobs"]), f"{t['storefront_big_jobs_s']:.2f}", "one big job per generator",
     )
     table.add_row(
-        "storefront, slow: one job per record",
+        "storefront: small jobs",
         str(t["storefront_small_jobs"]), f"{t['storefront_small_jobs_s']:.2f}",
-        f"{t['storefront_speedup']:.1f}x faster",
+        f"one per record: {t['storefront_speedup']:.1f}x faster",
     )
     rows = t["qa_questions"] + t["qa_answers"]
     table.add_row(
-        f"Q&A: {t['qa_questions']:,} questions, {t['qa_answers']:,} answers (COPY)",
-        str(t["qa_jobs"]), f"{t['qa_seed_s']:.2f}", f"{rows / t['qa_seed_s']:,.0f} rows/s",
+        f"Q&A: {t['qa_questions']:,} q, {t['qa_answers']:,} a",
+        str(t["qa_jobs"]), f"{t['qa_seed_s']:.2f}", f"COPY, {rows / t['qa_seed_s']:,.0f} rows/s",
     )
-    table.add_row("VACUUM ANALYZE after the load", "", f"{t['vacuum_analyze_s']:.2f}", "")
+    table.add_row("VACUUM ANALYZE", "", f"{t['vacuum_analyze_s']:.2f}", "after the bulk load")
     table.add_row(
-        "rebuild counters: one serial job", "1", f"{t['rebuild_serial_s']:.2f}",
-        f"after damaging {CORRUPT_FRACTION:.0%} of the counters",
+        "counters: one serial rebuild", "1", f"{t['rebuild_serial_s']:.2f}",
+        f"{CORRUPT_FRACTION:.0%} of counters damaged",
     )
     table.add_row(
-        f"rebuild counters: batches of {REBUILD_BATCH} ids",
+        f"counters: {REBUILD_BATCH} ids per job",
         str(t["rebuild_batched_jobs"]), f"{t['rebuild_batched_s']:.2f}",
-        f"{t['rebuild_speedup']:.1f}x the serial job's speed",
+        f"{t['rebuild_speedup']:.1f}x the serial speed",
     )
     table.add_row("counters check", "", "", "all counters correct")
     return table
