@@ -6,7 +6,8 @@
 3. Damage the counter caches, rebuild them with one serial job, damage them again,
    rebuild them with batched jobs of 1000 ids, and check them.
 
-The demo works its own queue, so it never runs, or deletes, the user's jobs.
+It empties the workload tables first. It works a queue of its own, "demo", so it never
+runs, or deletes, the user's jobs.
 """
 
 from __future__ import annotations
