@@ -190,6 +190,9 @@ def work(
     queues: Annotated[str, typer.Option("--queues", help="Comma-separated queues to work.")] = "default",
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Threads per process.", min=1)] = 8,
     processes: Annotated[int, typer.Option("--processes", "-P", help="Worker processes.", min=1)] = 1,
+    prefetch: Annotated[Optional[int], typer.Option(
+        "--prefetch", help="Jobs claimed ahead of free threads, so one round trip serves many jobs "
+        "[default: the concurrency].", min=0)] = None,
     burst: Annotated[bool, typer.Option("--burst", help="Exit once no ready job is left (jobs:workoff).")] = False,
     min_priority: Annotated[Optional[int], typer.Option(
         "--min-priority", help="Claim only jobs with at least this priority.")] = None,
@@ -221,7 +224,7 @@ def work(
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     task_mod.load_task_modules()
     _connect(database_url).close()
-    code = run_workers(processes=processes, burst=burst, queues=names, concurrency=concurrency,
+    code = run_workers(processes=processes, burst=burst, queues=names, concurrency=concurrency, prefetch=prefetch,
                        min_priority=min_priority, max_priority=max_priority, lock_timeout=lock_timeout,
                        shutdown_timeout=shutdown_timeout, default_timeout=default_timeout,
                        poll_interval=poll_interval, database_url=db.database_url())
@@ -384,6 +387,27 @@ def db_url(database_url: DatabaseUrl = None) -> None:
     """Print the URL dj uses: --database-url/DJ_DATABASE_URL, else the embedded server's."""
     _use(database_url)
     print(db.database_url())
+
+
+# --- bench --------------------------------------------------------------------------------------
+
+@app.command()
+def bench(
+    jobs: Annotated[Optional[int], typer.Option("--jobs", help="No-op jobs per drain and bulk enqueue "
+                                                "[default: 10000; 2000 with --quick].", min=1)] = None,
+    processes: Annotated[str, typer.Option("--processes", "-P", help="Most worker processes (runs 1..P), "
+                                           "or a list like 1,2.")] = "2",
+    peers: Annotated[bool, typer.Option("--peers", help="Also run procrastinate and pgqueuer if installed "
+                                        "(pip install 'dj[bench]').")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A small run, well under a minute.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Measure drain, enqueue, latency, decay and rebuild speed on its own queues (see dj.bench)."""
+    from . import bench as bench_mod
+
+    _use(database_url)
+    bench_mod.cli(jobs, processes, peers, quick, as_json, out)
 
 
 def main() -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -13,6 +15,8 @@ from . import db
 from .worker import Worker
 
 log = logging.getLogger("dj.supervisor")
+
+_OPTIONS_ENV = "DJ_WORKER_OPTIONS"
 
 
 def run_workers(processes: int = 1, burst: bool = False, **worker_options: Any) -> int:
@@ -29,65 +33,82 @@ def run_workers(processes: int = 1, burst: bool = False, **worker_options: Any) 
     return Supervisor(processes, burst, worker_options).run()
 
 
-def _child(options: dict[str, Any], burst: bool, log_level: int) -> None:
-    # Own process group: a Ctrl-C in the terminal reaches only the supervisor, which forwards one
-    # SIGTERM, instead of every child seeing the signal twice and stopping at once.
-    os.setpgrp()
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    Worker(**options).run(burst=burst)
+def child_main() -> None:
+    """Entry point of a supervised worker process; its options arrive as JSON in the environment."""
+    spec = json.loads(os.environ.pop(_OPTIONS_ENV))
+    logging.basicConfig(level=spec["log_level"], stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    Worker(**spec["options"]).run(burst=spec["burst"])
 
 
 class Supervisor:
+    """Starts the children as fresh interpreters (no fork: the parent's threads and connections
+    stay behind), forwards SIGTERM/SIGINT, and restarts children that die, with a growing delay
+    when they die right after starting."""
+
     def __init__(self, processes: int, burst: bool, worker_options: dict[str, Any]):
         self.processes = processes
         self.burst = burst
-        self.options = dict(worker_options, parent_pid=os.getpid())
-        self.ctx = multiprocessing.get_context("spawn")
-        self.children: list[multiprocessing.Process] = []
+        self.spec = json.dumps({"options": dict(worker_options, parent_pid=os.getpid()), "burst": burst,
+                                "log_level": logging.getLogger("dj").getEffectiveLevel()})
+        self.children: list[subprocess.Popen] = []
+        self.started_at: dict[int, float] = {}
         self.stopping = False
-        self.signals = 0
         self.restarts = 0
+        self.quick_deaths = 0
 
     def run(self) -> int:
-        self._install_signal_handlers()
-        for _ in range(self.processes):
-            self.children.append(self._start())
-        while True:
-            alive = 0
-            for i, child in enumerate(self.children):
-                if child.is_alive():
-                    alive += 1
-                    continue
-                if child.exitcode == 0 or self.stopping:
-                    continue
-                log.warning("worker process %d exited with %s; starting a replacement", child.pid,
-                            _describe_exit(child.exitcode))
-                self.restarts += 1
-                self.children[i] = self._start()
-                alive += 1
-            if alive == 0:
-                return 0
-            time.sleep(0.2)
+        previous = self._install_signal_handlers()
+        try:
+            for _ in range(self.processes):
+                self.children.append(self._start())
+            while any(self._tend(i) for i in range(len(self.children))):
+                time.sleep(0.2)
+            return 0
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
-    def _start(self) -> multiprocessing.Process:
-        p = self.ctx.Process(target=_child, args=(self.options, self.burst, logging.getLogger("dj").getEffectiveLevel()),
-                             name="dj-worker", daemon=False)
-        p.start()
-        return p
+    def _tend(self, i: int) -> bool:
+        """Look after child i; False once it has finished for good."""
+        child = self.children[i]
+        code = child.poll()
+        if code is None:
+            return True
+        if code == 0 or self.stopping:
+            return False
+        lived = time.monotonic() - self.started_at.pop(child.pid, 0.0)
+        self.quick_deaths = self.quick_deaths + 1 if lived < 5 else 0
+        delay = min(30.0, 0.5 * 2 ** self.quick_deaths) if self.quick_deaths else 0.0
+        log.warning("worker process %d exited with %s; starting a replacement%s", child.pid, _describe_exit(code),
+                    f" in {delay:.1f}s" if delay else "")
+        if delay:
+            time.sleep(delay)
+        if self.stopping:
+            return False
+        self.restarts += 1
+        self.children[i] = self._start()
+        return True
 
-    def _install_signal_handlers(self) -> None:
+    def _start(self) -> subprocess.Popen:
+        # Own process group: a Ctrl-C in the terminal reaches only the supervisor, which forwards
+        # one SIGTERM, instead of every child seeing the signal twice and stopping at once.
+        child = subprocess.Popen([sys.executable, "-c", "from dj.supervisor import child_main; child_main()"],
+                                 env={**os.environ, _OPTIONS_ENV: self.spec}, process_group=0)
+        self.started_at[child.pid] = time.monotonic()
+        return child
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
         def handle(signum, frame):
-            self.signals += 1
             self.stopping = True
             for child in self.children:
-                if child.is_alive() and child.pid:
+                if child.poll() is None:
                     try:
-                        os.kill(child.pid, signal.SIGTERM)
+                        child.send_signal(signal.SIGTERM)
                     except ProcessLookupError:
                         pass
 
-        signal.signal(signal.SIGTERM, handle)
-        signal.signal(signal.SIGINT, handle)
+        return {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
 def _describe_exit(code: int) -> str:
@@ -97,4 +118,3 @@ def _describe_exit(code: int) -> str:
         except ValueError:
             return f"signal {-code}"
     return f"code {code}"
-

@@ -102,6 +102,10 @@ class Worker:
         # Claimed jobs waiting locally for a free thread, so that one claim round trip serves many
         # jobs. Unstarted jobs are handed back on shutdown.
         self.capacity = concurrency + (concurrency if prefetch is None else prefetch)
+        self.claim_at = max(1, self.capacity // 2)
+        self.refill_at = max(1, concurrency // 2)
+        self.flush_at = max(1, self.capacity // 2)
+        self.flush_interval = 0.005
         self.lock_timeout = float(lock_timeout or os.environ.get("DJ_LOCK_TIMEOUT") or DEFAULT_LOCK_TIMEOUT)
         self.heartbeat_interval = min(heartbeat_interval, self.lock_timeout / 3)
         self.shutdown_timeout = shutdown_timeout
@@ -153,9 +157,8 @@ class Worker:
         backoff = 0.5
         while not self._stopping.is_set():
             try:
-                self._flush()
                 self._enforce_timeouts()
-                claimed = self._claim_if_room()
+                claimed = self._cycle()
                 backoff = 0.5
             except psycopg.OperationalError as exc:
                 log.warning("database connection lost (%s); reconnecting in %.1fs", _first_line(exc), backoff)
@@ -165,27 +168,56 @@ class Worker:
                 continue
             if burst and not claimed and not self._held and not self._results and not self._more_ready:
                 return
-            if claimed and self._more_ready and len(self._held) < self.capacity:
+            if claimed and self._more_ready and self._room() >= self.claim_at:
                 continue
             self._wake.wait(self._next_wait())
-            if not self._wake.is_set():  # the poll interval ran out: look again even without NOTIFY
-                self._more_ready = True
+            if not self._wake.is_set() and not self._results:
+                self._more_ready = True  # the poll interval ran out: look again even without NOTIFY
             self._wake.clear()
 
-    def _claim_if_room(self) -> int:
+    def _room(self) -> int:
         # A timed-out job's thread stays busy until the function returns, so it still takes a slot.
-        busy = len(self._held) + len(self._abandoned)
-        free = self.capacity - busy
-        idle = self.concurrency - busy
-        # Claim when a thread is idle or at least half the buffer is free: claiming one job each
-        # time one finishes would cost a round trip per job.
-        if not self._more_ready or free <= 0 or (idle <= 0 and free < self.capacity // 2):
+        return self.capacity - len(self._held) - len(self._abandoned)
+
+    def _cycle(self) -> int:
+        """One round trip: record the finished attempts, and claim more jobs if there is room.
+
+        Returns how many jobs were claimed.
+        """
+        outcomes: list[Outcome] = []
+        while self._results:
+            outcomes.append(self._results.popleft())
+        room = self._room() + len(outcomes)
+        idle = self.concurrency - (self.capacity - room)
+        # Claim when a thread is idle or the buffer has drained to the refill mark. Claiming one
+        # job each time one finishes would cost a round trip per job.
+        claim = self._more_ready and room > 0 and (idle > 0 or room >= self.claim_at)
+        if not outcomes and not claim:
             return 0
-        rows = self._conn.execute(sql.CLAIM, {
-            "queues": self.queues, "min_priority": self.min_priority, "max_priority": self.max_priority,
-            "limit": free, "worker": self.name,
-        }).fetchall()
-        self._more_ready = len(rows) == free
+        ok = [o.job for o in outcomes if o.error is None]
+        bad = [o for o in outcomes if o.error is not None]
+        try:
+            with self._conn.pipeline():
+                if ok:
+                    self._conn.execute(sql.COMPLETE, {
+                        "ids": [j.id for j in ok], "attempts": [j.attempts for j in ok], "worker": self.name})
+                if bad:
+                    self._conn.execute(sql.FAIL, {
+                        "ids": [o.job.id for o in bad], "attempts": [o.job.attempts for o in bad],
+                        "errors": [o.error[:MAX_ERROR_CHARS] for o in bad],
+                        "delays": [retry_delay(o.job.attempts) for o in bad],
+                        "dead": [o.dead for o in bad], "worker": self.name})
+                cur = self._conn.execute(sql.CLAIM, {
+                    "queues": self.queues, "min_priority": self.min_priority, "max_priority": self.max_priority,
+                    "limit": room, "worker": self.name}) if claim else None
+        except BaseException:
+            self._results.extendleft(reversed(outcomes))  # record them after reconnecting
+            raise
+        self._count(outcomes)
+        if cur is None:
+            return 0
+        rows = cur.fetchall()
+        self._more_ready = len(rows) == room
         rows.sort(key=lambda r: (r[8], r[9], r[0]))
         for row in rows:
             job = Claimed(*row)
@@ -193,7 +225,29 @@ class Worker:
             self._todo.put(job)
         return len(rows)
 
+    def _count(self, outcomes: list[Outcome]) -> None:
+        for o in outcomes:
+            self._held.pop(o.job.id, None)
+            if o.error is None:
+                self.counts.succeeded += 1
+            elif o.dead:
+                self.counts.dead += 1
+                log.warning("job %d (%s) is dead after attempt %d: %s", o.job.id, o.job.task, o.job.attempts,
+                            o.error.strip().splitlines()[-1] if o.error.strip() else "")
+            else:
+                self.counts.failed += 1
+
+    def _flush(self) -> None:
+        """Record finished attempts without claiming (used while shutting down)."""
+        more, self._more_ready = self._more_ready, False
+        try:
+            self._cycle()
+        finally:
+            self._more_ready = more
+
     def _next_wait(self) -> float:
+        if self._results:
+            return self.flush_interval
         wait = self.poll_interval
         now = time.monotonic()
         for job in list(self._held.values()):
@@ -215,7 +269,10 @@ class Worker:
                 self._abandoned.discard(job.id)
             else:
                 self._results.append(outcome)
-            self._wake.set()
+            # Wake the main loop only when it has something worth a round trip: the buffer needs
+            # a refill, or enough outcomes have piled up. Otherwise it flushes within flush_interval.
+            if self._todo.qsize() < self.refill_at or len(self._results) >= self.flush_at:
+                self._wake.set()
 
     def _execute(self, job: Claimed) -> Outcome:
         task = lookup(job.task)
@@ -245,44 +302,6 @@ class Worker:
                 self._abandoned.add(job.id)
                 self._results.append(Outcome(job, f"timed out after {limit:g} s",
                                              dead=job.attempts >= job.max_attempts))
-
-    # --- recording outcomes ---------------------------------------------------------------------
-
-    def _flush(self) -> None:
-        outcomes: list[Outcome] = []
-        while self._results:
-            outcomes.append(self._results.popleft())
-        if not outcomes:
-            return
-        try:
-            self._record(outcomes)
-        except BaseException:
-            self._results.extendleft(reversed(outcomes))  # keep them for the next try
-            raise
-        for o in outcomes:
-            self._held.pop(o.job.id, None)
-            if o.error is None:
-                self.counts.succeeded += 1
-            elif o.dead:
-                self.counts.dead += 1
-                log.warning("job %d (%s) is dead after attempt %d: %s", o.job.id, o.job.task, o.job.attempts,
-                            o.error.strip().splitlines()[-1] if o.error.strip() else "")
-            else:
-                self.counts.failed += 1
-
-    def _record(self, outcomes: list[Outcome]) -> None:
-        ok = [o.job for o in outcomes if o.error is None]
-        bad = [o for o in outcomes if o.error is not None]
-        with self._conn.pipeline():
-            if ok:
-                self._conn.execute(sql.COMPLETE, {
-                    "ids": [j.id for j in ok], "attempts": [j.attempts for j in ok], "worker": self.name})
-            if bad:
-                self._conn.execute(sql.FAIL, {
-                    "ids": [o.job.id for o in bad], "attempts": [o.job.attempts for o in bad],
-                    "errors": [o.error[:MAX_ERROR_CHARS] for o in bad],
-                    "delays": [retry_delay(o.job.attempts) for o in bad],
-                    "dead": [o.dead for o in bad], "worker": self.name})
 
     # --- background threads ---------------------------------------------------------------------
 

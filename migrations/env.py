@@ -6,8 +6,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from dj import db, models
+from tasks import schema as workload
 
-target_metadata = [models.metadata]
+target_metadata = [models.metadata, workload.metadata]
 
 # Any number to serialize concurrent `dj migrate` runs; it only has to be the same for all of them.
 MIGRATION_LOCK = 0x646A6D67
