@@ -411,6 +411,9 @@ def bench(
 
 
 def main() -> None:
+    # psycopg logs "error ignored terminating <Pipeline>" when a failed enqueue leaves its pipeline;
+    # with no handler configured that came out as a second stderr line before our one error line.
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
     try:
         code = app(standalone_mode=False)
     except typer.Abort:
