@@ -4,14 +4,14 @@ SELECT ... FOR UPDATE SKIP LOCKED."""
 from .admin import status
 from .context import JobContext, current_job
 from .db import connect, database_url, transaction, use_database
-from .errors import DatabaseUnavailable, DJError, Permanent, SchemaMissing
+from .errors import DatabaseUnavailable, DJError, Permanent, SchemaMissing, WorkFailed
 from .schema import migrate
 from .supervisor import run_workers
 from .task import Task, enqueue, job
 from .worker import Worker
 
 __all__ = [
-    "DJError", "DatabaseUnavailable", "JobContext", "Permanent", "SchemaMissing", "Task", "Worker",
+    "DJError", "DatabaseUnavailable", "JobContext", "Permanent", "SchemaMissing", "Task", "Worker", "WorkFailed",
     "connect", "current_job", "database_url", "enqueue", "job", "migrate", "run_workers", "status", "transaction",
     "use_database",
 ]

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import admin, db, embedded, schema, task as task_mod
-from .errors import DJError
+from .errors import DJError, WorkFailed
 from .supervisor import run_workers
 
 app = typer.Typer(help="dj: a PostgreSQL-backed job queue (DelayedJob, done right).",
@@ -425,6 +425,8 @@ def main() -> None:
         _fail(" ".join(exc.format_message().split()), 2)
     except DJError as exc:
         _fail(str(exc), 2)
+    except WorkFailed as exc:
+        _fail(str(exc), 1)
     except psycopg.Error as exc:
         _fail(f"database error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", 2)
     except KeyboardInterrupt:

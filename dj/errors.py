@@ -5,6 +5,10 @@ class DJError(Exception):
     """Bad input or an unusable environment. The CLI prints it as one line and exits 2."""
 
 
+class WorkFailed(Exception):
+    """The command ran but its work did not succeed. The CLI prints it as one line and exits 1."""
+
+
 class DatabaseUnavailable(DJError):
     pass
 

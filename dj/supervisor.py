@@ -62,7 +62,11 @@ class Supervisor:
         try:
             for _ in range(self.processes):
                 self.children.append(self._start())
+            parent = os.getppid()
             while any(self._tend(i) for i in range(len(self.children))):
+                if os.getppid() != parent and not self.stopping:
+                    log.warning("parent process %d is gone; stopping the workers", parent)
+                    self._stop_children()
                 time.sleep(0.2)
             return 0
         finally:
@@ -98,15 +102,18 @@ class Supervisor:
         self.started_at[child.pid] = time.monotonic()
         return child
 
+    def _stop_children(self) -> None:
+        self.stopping = True
+        for child in self.children:
+            if child.poll() is None:
+                try:
+                    child.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
     def _install_signal_handlers(self) -> dict[int, Any]:
         def handle(signum, frame):
-            self.stopping = True
-            for child in self.children:
-                if child.poll() is None:
-                    try:
-                        child.send_signal(signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
+            self._stop_children()
 
         return {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 

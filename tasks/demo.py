@@ -49,7 +49,7 @@ SCALES = {
 }
 
 
-class DemoFailed(Exception):
+class DemoFailed(dj.WorkFailed):
     """Some demo jobs did not succeed, or the counters are still wrong after the rebuild."""
 
 
