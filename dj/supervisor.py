@@ -19,18 +19,23 @@ log = logging.getLogger("dj.supervisor")
 _OPTIONS_ENV = "DJ_WORKER_OPTIONS"
 
 
-def run_workers(processes: int = 1, burst: bool = False, **worker_options: Any) -> int:
+def run_workers(processes: int = 1, burst: bool = False, stop_with_parent: bool = False,
+                **worker_options: Any) -> int:
     """Run workers until stopped (or drained, with burst). Returns 0 on a clean finish.
 
     With one process the worker runs right here; with more, each runs in a child process.
+    `stop_with_parent` stops them when the calling process's parent dies (for a program that
+    runs workers in a helper process of its own).
     """
     if processes < 1:
         raise ValueError("processes must be at least 1")
     worker_options.setdefault("database_url", db.database_url())
+    if stop_with_parent:
+        worker_options.setdefault("parent_pid", os.getppid())
     if processes == 1:
         Worker(**worker_options).run(burst=burst)
         return 0
-    return Supervisor(processes, burst, worker_options).run()
+    return Supervisor(processes, burst, worker_options, stop_with_parent).run()
 
 
 def child_main() -> None:
@@ -46,9 +51,12 @@ class Supervisor:
     stay behind), forwards SIGTERM/SIGINT, and restarts children that die, with a growing delay
     when they die right after starting."""
 
-    def __init__(self, processes: int, burst: bool, worker_options: dict[str, Any]):
+    def __init__(self, processes: int, burst: bool, worker_options: dict[str, Any],
+                 stop_with_parent: bool = False):
         self.processes = processes
+        self.stop_with_parent = stop_with_parent
         self.burst = burst
+        # Each child watches the supervisor, whatever parent the supervisor itself watches.
         self.spec = json.dumps({"options": dict(worker_options, parent_pid=os.getpid()), "burst": burst,
                                 "log_level": logging.getLogger("dj").getEffectiveLevel()})
         self.children: list[subprocess.Popen] = []
@@ -64,7 +72,7 @@ class Supervisor:
                 self.children.append(self._start())
             parent = os.getppid()
             while any(self._tend(i) for i in range(len(self.children))):
-                if os.getppid() != parent and not self.stopping:
+                if self.stop_with_parent and os.getppid() != parent and not self.stopping:
                     log.warning("parent process %d is gone; stopping the workers", parent)
                     self._stop_children()
                 time.sleep(0.2)

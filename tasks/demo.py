@@ -65,7 +65,7 @@ def reset(tables: tuple[str, ...] = schema.TABLES) -> None:
 
 def _work(url: str) -> None:
     dj.use_database(url)
-    dj.run_workers(queues=[QUEUE], concurrency=THREADS, processes=PROCESSES)
+    dj.run_workers(queues=[QUEUE], concurrency=THREADS, processes=PROCESSES, stop_with_parent=True)
 
 
 class _Workers:
