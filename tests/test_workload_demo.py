@@ -1,0 +1,23 @@
+"""`dj demo --scale small` runs the whole workload end to end, as the README's main command."""
+
+
+
+def test_demo_small_runs_end_to_end(cli, conn):
+    result = cli("demo", "--scale", "small", timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for step in ("one big job per generator", "one per record", "one serial rebuild", "1000 ids per job"):
+        assert step in out
+    assert "all counters correct" in out
+    counts = conn.execute("SELECT (SELECT count(*) FROM questions), (SELECT count(*) FROM answers),"
+                          " (SELECT count(*) FROM jobs WHERE queue = 'demo')").fetchone()
+    assert counts == (2_000, 20_000, 0)
+    from tasks import counters
+
+    assert counters.check(conn) == []
+
+
+def test_demo_refuses_an_unknown_scale(cli):
+    result = cli("demo", "--scale", "enormous")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
