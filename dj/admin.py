@@ -1,7 +1,9 @@
-"""Looking at and managing jobs: status, list, show, retry, cancel. The CLI and users call these."""
+"""Looking at and managing jobs: status, list, show, retry, cancel, and pausing queues. The CLI, the
+web dashboard and users call these."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import psycopg
@@ -72,7 +74,9 @@ def status(conn: psycopg.Connection) -> dict[str, Any]:
 
 
 def list_jobs(conn: psycopg.Connection, state: str | None = None, queue: str | None = None,
-              limit: int = 50) -> list[dict[str, Any]]:
+              limit: int = 50, *, task: str | None = None, after_id: int | None = None,
+              before_id: int | None = None) -> list[dict[str, Any]]:
+    """Jobs in id order. `after_id` / `before_id` page forwards / backwards (keyset paging)."""
     where, params = [], []
     if state is not None:
         if state not in STATE_SQL:
@@ -81,15 +85,27 @@ def list_jobs(conn: psycopg.Connection, state: str | None = None, queue: str | N
     if queue is not None:
         where.append("queue = %s")
         params.append(queue)
+    if task is not None:
+        where.append("task = %s")
+        params.append(task)
+    if after_id is not None:
+        where.append("id > %s")
+        params.append(after_id)
+    if before_id is not None:
+        where.append("id < %s")
+        params.append(before_id)
     if limit < 1:
         raise DJError("--limit must be a positive integer")
     sql = f"SELECT {_COLUMNS}, {_state_expr()} AS state FROM jobs"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY id LIMIT %s"
+    # Paging backwards reads the ids just below `before_id`, nearest first, then restores id order.
+    backwards = before_id is not None and after_id is None
+    sql += f" ORDER BY id {'DESC' if backwards else ''} LIMIT %s"
     params.append(limit)
     with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(sql, params).fetchall()
+        rows = cur.execute(sql, params).fetchall()
+    return rows[::-1] if backwards else rows
 
 
 def get_job(conn: psycopg.Connection, job_id: int) -> dict[str, Any]:
@@ -127,6 +143,43 @@ def cancel(conn: psycopg.Connection, job_id: int) -> None:
     if conn.execute("DELETE FROM jobs WHERE id = %s AND locked_by IS NULL", (job_id,)).rowcount == 0:
         get_job(conn, job_id)
         raise DJError(f"job {job_id} is running; it cannot be cancelled")
+
+
+# --- queues: pause and resume ---------------------------------------------------------------------
+
+# Pausing or resuming a queue sends NOTIFY on this channel, payload {"queue": ..., "paused": ...},
+# so running workers can react at once (stop claiming, hand back what they buffered).
+QUEUE_SETTINGS_CHANNEL = "dj_queue_settings"
+
+
+def pause_queue(conn: psycopg.Connection, queue: str) -> None:
+    """Pause a queue: workers claim none of its jobs until it is resumed. Running jobs finish."""
+    _set_paused(conn, queue, True)
+
+
+def resume_queue(conn: psycopg.Connection, queue: str) -> None:
+    """Resume a paused queue, and wake idle workers as an enqueue would."""
+    _set_paused(conn, queue, False)
+
+
+def queue_settings(conn: psycopg.Connection) -> dict[str, dict[str, Any]]:
+    """{queue: {"paused": bool, "concurrency_limit": int | None}} for queues that have a row.
+    A queue without a row is active and unlimited."""
+    rows = conn.execute("SELECT queue, paused, concurrency_limit FROM queue_settings ORDER BY queue").fetchall()
+    return {q: {"paused": paused, "concurrency_limit": limit} for q, paused, limit in rows}
+
+
+def _set_paused(conn: psycopg.Connection, queue: str, paused: bool) -> None:
+    if not queue:
+        raise DJError("a queue name cannot be empty")
+    with conn.transaction():  # the NOTIFYs go out with the change, at commit
+        conn.execute(
+            "INSERT INTO queue_settings (queue, paused) VALUES (%s, %s) "
+            "ON CONFLICT (queue) DO UPDATE SET paused = EXCLUDED.paused", (queue, paused))
+        conn.execute("SELECT pg_notify(%s, %s)",
+                     (QUEUE_SETTINGS_CHANNEL, json.dumps({"queue": queue, "paused": paused})))
+        if not paused:
+            conn.execute("SELECT pg_notify('dj_jobs', %s)", (queue,))
 
 
 def _state_expr() -> str:

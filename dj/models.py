@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Float, Index, Integer, MetaData, SmallInteger, Text, text
+from sqlalchemy import BigInteger, Boolean, Float, Index, Integer, MetaData, SmallInteger, Text, false, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -82,3 +82,13 @@ class JobStat(Base):
     queue: Mapped[str] = mapped_column(Text, primary_key=True)
     succeeded: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     failed: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+
+
+class QueueSetting(Base):
+    """Per-queue settings. A queue with no row is active. Workers claim nothing from a paused queue."""
+
+    __tablename__ = "queue_settings"
+
+    queue: Mapped[str] = mapped_column(Text, primary_key=True)
+    paused: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=false())
+    concurrency_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
