@@ -2,6 +2,7 @@
 SELECT ... FOR UPDATE SKIP LOCKED."""
 
 from .admin import status
+from .batch import batch, current_batch
 from .context import JobContext, current_job
 from .db import connect, database_url, transaction, use_database
 from .errors import DatabaseUnavailable, DJError, Permanent, SchemaMissing, WorkFailed
@@ -12,6 +13,6 @@ from .worker import Worker
 
 __all__ = [
     "DJError", "DatabaseUnavailable", "JobContext", "Permanent", "SchemaMissing", "Task", "Worker", "WorkFailed",
-    "connect", "current_job", "database_url", "enqueue", "job", "migrate", "run_workers", "status", "transaction",
+    "batch", "connect", "current_batch", "current_job", "database_url", "enqueue", "job", "migrate", "run_workers", "status", "transaction",
     "use_database",
 ]

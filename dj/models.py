@@ -42,6 +42,9 @@ class Job(Base):
     failed_at: Mapped[datetime | None] = mapped_column(TZ)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(TZ, nullable=False, server_default=text("now()"))
+    unique_key: Mapped[str | None] = mapped_column(Text)
+    batch_id: Mapped[int | None] = mapped_column(BigInteger)
+    progress: Mapped[dict | None] = mapped_column(JSONB)
 
     __table_args__ = (
         # The claim query's exact shape: equality on queue, then ORDER BY priority, run_at, id,
@@ -52,8 +55,12 @@ class Job(Base):
             "queue", "priority", "run_at", "id",
             postgresql_where=text("locked_by IS NULL AND failed_at IS NULL"),
         ),
-        # Crash recovery looks up the jobs held by one worker; few rows are locked at a time.
-        Index("jobs_locked_by_idx", "locked_by", postgresql_where=text("locked_by IS NOT NULL")),
+        # Running jobs (few at a time): counted per queue for concurrency limits, and looked up by
+        # worker for crash recovery.
+        Index("jobs_running_idx", "queue", "locked_by", postgresql_where=text("locked_by IS NOT NULL")),
+        # A key is held while its job is ready, scheduled or running; enqueue's ON CONFLICT uses it.
+        Index("jobs_unique_key_idx", "unique_key", unique=True,
+              postgresql_where=text("unique_key IS NOT NULL AND failed_at IS NULL")),
         Index("jobs_dead_idx", "queue", "failed_at", postgresql_where=text("failed_at IS NOT NULL")),
     )
 
@@ -92,3 +99,22 @@ class QueueSetting(Base):
     queue: Mapped[str] = mapped_column(Text, primary_key=True)
     paused: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=false())
     concurrency_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class Batch(Base):
+    """A group of jobs; its callback job is enqueued once, when succeeded + dead reaches total."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    on_complete: Mapped[str | None] = mapped_column(Text)
+    args: Mapped[list] = mapped_column(JSONB, nullable=False, server_default=text("'[]'::jsonb"))
+    kwargs: Mapped[dict] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    queue: Mapped[str] = mapped_column(Text, nullable=False, server_default="default")
+    description: Mapped[str | None] = mapped_column(Text)
+    total: Mapped[int | None] = mapped_column(Integer)  # NULL while jobs are still being added
+    succeeded: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    dead: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    result: Mapped[dict | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(TZ, nullable=False, server_default=text("now()"))
+    finished_at: Mapped[datetime | None] = mapped_column(TZ)

@@ -14,21 +14,22 @@ NOTIFY_CHANNEL = "dj_jobs"
 
 # --- enqueue -------------------------------------------------------------------------------------
 
-ENQUEUE = """
-INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout)
-VALUES (%s, %s, %s, %s::jsonb, %s::jsonb, coalesce(%s, now()), %s, %s)
-RETURNING id
+# One statement for any number of rows (a single enqueue is a list of one). Rows whose unique key
+# is held by a live job are skipped.
+ENQUEUE_MANY = """
+INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id)
+SELECT queue, priority, task, args::jsonb, kwargs::jsonb, coalesce(run_at, now()), max_attempts, timeout,
+       unique_key, batch_id
+FROM unnest(%s::text[], %s::smallint[], %s::text[], %s::text[], %s::text[], %s::timestamptz[],
+            %s::int[], %s::float8[], %s::text[], %s::bigint[])
+     AS t(queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id)
+ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND failed_at IS NULL DO NOTHING
+RETURNING id, unique_key
 """
 
-# One statement for any number of rows. Identity values are drawn in input order, so sorting the
-# returned ids gives them back in the caller's order.
-ENQUEUE_MANY = """
-INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout)
-SELECT queue, priority, task, args::jsonb, kwargs::jsonb, coalesce(run_at, now()), max_attempts, timeout
-FROM unnest(%s::text[], %s::smallint[], %s::text[], %s::text[], %s::text[], %s::timestamptz[],
-            %s::int[], %s::float8[])
-     AS t(queue, priority, task, args, kwargs, run_at, max_attempts, timeout)
-RETURNING id
+# The jobs that hold the given unique keys: what an enqueue of an already-held key returns.
+HOLDERS_OF_KEYS = """
+SELECT unique_key, id FROM jobs WHERE unique_key = ANY(%s::text[]) AND failed_at IS NULL
 """
 
 # NOTIFY is delivered at commit, so a worker never wakes for a job it cannot see yet, and a
@@ -37,15 +38,36 @@ NOTIFY = "SELECT pg_notify('" + NOTIFY_CHANNEL + "', %s)"
 
 # --- claim ---------------------------------------------------------------------------------------
 
-# For each of the worker's queues, read jobs_claim_idx in (priority, run_at, id) order and lock up
-# to `limit` free rows, skipping rows that another worker is locking right now. Then keep the best
-# `limit` over all queues. A per-queue LATERAL keeps every index read ordered and short: a plain
-# `queue = ANY(...)` would make PostgreSQL sort every ready row of those queues on every claim.
-# Rows locked by a lateral but cut by the outer LIMIT are unlocked again when the statement commits.
+# Claimers of a queue with a concurrency limit take this lock first, in its own statement, so the
+# CLAIM that follows counts the running jobs with a snapshot taken after the previous claimer
+# committed. Counting inside one statement would let two claimers both see room for the last slot.
+LOCK_LIMITED_QUEUES = """
+SELECT pg_advisory_xact_lock(1684761200, hashtext(queue))
+FROM queue_settings
+WHERE queue = ANY(%(queues)s::text[]) AND concurrency_limit IS NOT NULL
+ORDER BY queue
+"""
+
+# For each of the worker's queues that is not paused, read jobs_claim_idx in (priority, run_at, id)
+# order and lock up to `room` free rows, skipping rows that another worker is locking right now;
+# `room` is the worker's free capacity, cut down to what the queue's concurrency limit leaves.
+# Then keep the best `limit` over all queues. A per-queue LATERAL keeps every index read ordered
+# and short: a plain `queue = ANY(...)` would make PostgreSQL sort every ready row of those queues
+# on every claim. Rows locked by a lateral but cut by the outer LIMIT are unlocked at commit.
 CLAIM = """
-WITH picked AS (
-    SELECT c.id
+WITH open_queues AS (
+    SELECT q.name,
+           CASE WHEN s.concurrency_limit IS NULL THEN %(limit)s
+                ELSE least(%(limit)s, greatest(0, s.concurrency_limit - (
+                    SELECT count(*) FROM jobs r
+                    WHERE r.queue = q.name AND r.locked_by IS NOT NULL AND r.failed_at IS NULL)))
+           END AS room
     FROM unnest(%(queues)s::text[]) AS q(name)
+    LEFT JOIN queue_settings s ON s.queue = q.name
+    WHERE s.paused IS NOT TRUE
+), picked AS (
+    SELECT c.id
+    FROM open_queues AS q
     CROSS JOIN LATERAL (
         SELECT id, priority, run_at
         FROM jobs
@@ -54,7 +76,7 @@ WITH picked AS (
           AND priority BETWEEN %(min_priority)s AND %(max_priority)s
           AND run_at <= now()
         ORDER BY priority, run_at, id
-        LIMIT %(limit)s
+        LIMIT q.room
         FOR UPDATE SKIP LOCKED
     ) AS c
     ORDER BY c.priority, c.run_at, c.id
@@ -70,23 +92,52 @@ RETURNING jobs.id, jobs.task, jobs.args, jobs.kwargs, jobs.attempts, jobs.max_at
 
 # --- finish an attempt ---------------------------------------------------------------------------
 
+# The tail shared by every statement that can finish a batch: enqueue the callback of each batch
+# that `batch_progress` just finished, and wake the workers of its queue.
+_ENQUEUE_BATCH_CALLBACKS = """callbacks AS (
+    INSERT INTO jobs (queue, task, args, kwargs)
+    SELECT queue, on_complete, args, kwargs || jsonb_build_object('batch', jsonb_build_object(
+               'id', id, 'total', total, 'succeeded', succeeded, 'dead', dead))
+    FROM batch_progress WHERE finished_at IS NOT NULL AND on_complete IS NOT NULL
+    RETURNING queue
+)"""
+
 # Successes are deleted, as in DelayedJob, so the hot table holds only unfinished work; the count
-# goes to job_stats. Groups are inserted in queue order so two workers upserting the same buckets
+# goes to job_stats. Groups are upserted in queue order so two workers bumping the same buckets
 # always lock them in the same order and cannot deadlock.
+#
+# Batches: the statement that brings a batch's succeeded + dead up to its total is the one that
+# enqueues the callback. The batch row's lock serialises those updates, and an UPDATE that waited
+# for the lock re-reads the row, so exactly one of them sees the count reach the total.
 COMPLETE = """
 WITH done AS (
     DELETE FROM jobs
     USING unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS d(id, attempts)
     WHERE jobs.id = d.id AND jobs.attempts = d.attempts AND jobs.locked_by = %(worker)s
-    RETURNING jobs.queue
-)
-INSERT INTO job_stats AS s (bucket, queue, succeeded)
-SELECT date_bin('10 seconds', now(), timestamptz '2000-01-01'), queue, count(*)
-FROM done GROUP BY queue ORDER BY queue
-ON CONFLICT (bucket, queue) DO UPDATE SET succeeded = s.succeeded + EXCLUDED.succeeded
+    RETURNING jobs.queue, jobs.batch_id
+), freed AS (
+    -- A finished job frees a slot of a limited queue: wake the workers that may be waiting for it.
+    SELECT queue FROM queue_settings
+    WHERE concurrency_limit IS NOT NULL AND queue IN (SELECT queue FROM done)
+), stats AS (
+    INSERT INTO job_stats AS s (bucket, queue, succeeded)
+    SELECT date_bin('10 seconds', now(), timestamptz '2000-01-01'), queue, count(*)
+    FROM done GROUP BY queue ORDER BY queue
+    ON CONFLICT (bucket, queue) DO UPDATE SET succeeded = s.succeeded + EXCLUDED.succeeded
+), batch_progress AS (
+    UPDATE batches AS b
+    SET succeeded = b.succeeded + n.count,
+        finished_at = CASE WHEN b.succeeded + n.count + b.dead = b.total THEN now() END
+    FROM (SELECT batch_id, count(*)::int AS count FROM done WHERE batch_id IS NOT NULL GROUP BY batch_id) AS n
+    WHERE b.id = n.batch_id
+    RETURNING b.*
+), """ + _ENQUEUE_BATCH_CALLBACKS + """
+SELECT pg_notify('""" + NOTIFY_CHANNEL + """', queue)
+FROM (SELECT queue FROM callbacks UNION SELECT queue FROM freed) AS wake
 """
 
 # A failed attempt either waits for its retry (run_at moves to the future) or is dead (failed_at).
+# A dead job counts towards its batch like a success does.
 FAIL = """
 WITH failed AS (
     UPDATE jobs
@@ -96,12 +147,47 @@ WITH failed AS (
     FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(errors)s::text[], %(delays)s::float8[],
                 %(dead)s::bool[]) AS f(id, attempts, error, delay, dead)
     WHERE jobs.id = f.id AND jobs.attempts = f.attempts AND jobs.locked_by = %(worker)s
-    RETURNING jobs.queue
-)
-INSERT INTO job_stats AS s (bucket, queue, failed)
-SELECT date_bin('10 seconds', now(), timestamptz '2000-01-01'), queue, count(*)
-FROM failed GROUP BY queue ORDER BY queue
-ON CONFLICT (bucket, queue) DO UPDATE SET failed = s.failed + EXCLUDED.failed
+    RETURNING jobs.queue, jobs.batch_id, f.dead
+), stats AS (
+    INSERT INTO job_stats AS s (bucket, queue, failed)
+    SELECT date_bin('10 seconds', now(), timestamptz '2000-01-01'), queue, count(*)
+    FROM failed GROUP BY queue ORDER BY queue
+    ON CONFLICT (bucket, queue) DO UPDATE SET failed = s.failed + EXCLUDED.failed
+), batch_progress AS (
+    UPDATE batches AS b
+    SET dead = b.dead + n.count,
+        finished_at = CASE WHEN b.succeeded + b.dead + n.count = b.total THEN now() END
+    FROM (SELECT batch_id, count(*)::int AS count FROM failed WHERE dead AND batch_id IS NOT NULL
+          GROUP BY batch_id) AS n
+    WHERE b.id = n.batch_id
+    RETURNING b.*
+), """ + _ENQUEUE_BATCH_CALLBACKS + """
+SELECT pg_notify('""" + NOTIFY_CHANNEL + """', queue) FROM callbacks
+"""
+
+# Closing a batch fixes its total. If its jobs have all finished already, this is the statement
+# that enqueues the callback (see COMPLETE for why it happens exactly once).
+CLOSE_BATCH = """
+WITH batch_progress AS (
+    UPDATE batches AS b
+    SET total = %(total)s,
+        finished_at = CASE WHEN b.succeeded + b.dead = %(total)s THEN now() END
+    WHERE b.id = %(id)s
+    RETURNING b.*
+), """ + _ENQUEUE_BATCH_CALLBACKS + """
+SELECT pg_notify('""" + NOTIFY_CHANNEL + """', queue) FROM callbacks
+"""
+
+OPEN_BATCH = """
+INSERT INTO batches (on_complete, args, kwargs, queue, description)
+VALUES (%s, %s::jsonb, %s::jsonb, %s, %s)
+RETURNING id
+"""
+
+# Progress reported by a running job; fenced like a completion, so a stale worker cannot write.
+PROGRESS = """
+UPDATE jobs SET progress = jsonb_build_object('fraction', %s::float8, 'message', %s::text, 'at', now())
+WHERE id = %s AND attempts = %s AND locked_by = %s
 """
 
 # Hand back claimed jobs. Jobs that never started get their attempt back; started ones keep it.

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 
 from . import config, db, sql
+from .batch import current_batch
 from .errors import DJError
 
 _registry: dict[str, "Task"] = {}
@@ -55,6 +56,22 @@ class Options:
     max_attempts: int = 25
     timeout: float | None = None
     conn: psycopg.Connection | None = None
+    # A job whose key is held by a ready, scheduled or running job is not inserted again.
+    unique_key: str | None = None
+    # How @job(unique=...) derives a key from the arguments: True (all of them) or a function.
+    unique: bool | Callable[..., Any] | None = None
+
+
+def _key_from_args(options: Options, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
+    if options.unique_key is not None:
+        key = options.unique_key
+    elif options.unique is True:
+        key = to_json([list(args), kwargs], "args")
+    elif callable(options.unique):
+        key = str(options.unique(*args, **kwargs))
+    else:
+        return None
+    return f"{name}:{key}"
 
 
 class Enqueuer:
@@ -71,38 +88,68 @@ class Enqueuer:
         return Enqueuer(self.name, replace(self.options, **changes))
 
     def enqueue(self, *args: Any, **kwargs: Any) -> int:
-        o = self.options
-        _check_priority(o.priority)
-        params = (o.queue, o.priority, self.name, to_json(list(args), "args"), to_json(kwargs, "kwargs"),
-                  o.run_at, o.max_attempts, o.timeout)
-        with _transaction(o.conn) as conn:
-            with conn.pipeline():
-                cur = conn.execute(sql.ENQUEUE, params)
-                conn.execute(sql.NOTIFY, (o.queue,))
-            return cur.fetchone()[0]
+        """Insert one job and return its id; if its unique key is held, the holder's id."""
+        return self._enqueue([(args, kwargs)])[0]
 
     def enqueue_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]]) -> list[int]:
         """Enqueue one job per item, in one round trip. An item is an args tuple or a kwargs dict."""
+        if self.options.unique_key is not None:
+            raise TypeError("unique_key names one job; for many, use @job(unique=...)")
+        return self._enqueue([((), call) if isinstance(call, dict) else (tuple(call), {}) for call in calls])
+
+    def _enqueue(self, calls: list[tuple[Sequence[Any], dict[str, Any]]]) -> list[int]:
         o = self.options
         _check_priority(o.priority)
-        args_json, kwargs_json = [], []
-        for call in calls:
-            if isinstance(call, dict):
-                args_json.append("[]")
-                kwargs_json.append(to_json(call, "kwargs"))
-            else:
-                args_json.append(to_json(list(call), "args"))
-                kwargs_json.append("{}")
-        n = len(args_json)
-        if n == 0:
+        rows = [(to_json(list(args), "args"), to_json(kwargs, "kwargs"), _key_from_args(o, self.name, args, kwargs))
+                for args, kwargs in calls]
+        if not rows:
             return []
-        params = ([o.queue] * n, [o.priority] * n, [self.name] * n, args_json, kwargs_json,
-                  [o.run_at] * n, [o.max_attempts] * n, [o.timeout] * n)
+        batch = current_batch()
+        ids: dict[int, int] = {}
+        pending = list(range(len(rows)))
         with _transaction(o.conn) as conn:
-            with conn.pipeline():
-                cur = conn.execute(sql.ENQUEUE_MANY, params)
-                conn.execute(sql.NOTIFY, (o.queue,))
-            return sorted(row[0] for row in cur.fetchall())
+            # A key's holder can finish between our INSERT and the look-up of its id; then the key
+            # is free, and the next round inserts the job after all.
+            while pending:
+                inserted = self._insert(conn, [rows[i] for i in pending], batch.id if batch else None)
+                if batch:
+                    batch.total += sum(1 for job_id in inserted if job_id is not None)
+                held = {}
+                for i, job_id in zip(pending, inserted):
+                    if job_id is None:
+                        held[rows[i][2]] = i
+                    else:
+                        ids[i] = job_id
+                holders = dict(conn.execute(sql.HOLDERS_OF_KEYS, (list(held),)).fetchall()) if held else {}
+                for key, i in held.items():
+                    if key in holders:
+                        ids[i] = holders[key]
+                pending = [i for key, i in held.items() if key not in holders]
+        return [ids[i] for i in range(len(rows))]
+
+    def _insert(self, conn: psycopg.Connection, rows: list[tuple[str, str, str | None]],
+                batch_id: int | None) -> list[int | None]:
+        """Insert rows with one statement and one NOTIFY. Returns each row's new id, or None where
+        its unique key was held."""
+        o = self.options
+        n = len(rows)
+        params = ([o.queue] * n, [o.priority] * n, [self.name] * n, [r[0] for r in rows], [r[1] for r in rows],
+                  [o.run_at] * n, [o.max_attempts] * n, [o.timeout] * n, [r[2] for r in rows], [batch_id] * n)
+        with conn.pipeline():
+            cur = conn.execute(sql.ENQUEUE_MANY, params)
+            conn.execute(sql.NOTIFY, (o.queue,))
+        # Identity values are drawn in input order, so the inserted rows, sorted by id, line up
+        # with the input rows that were not skipped.
+        returned = iter(sorted(cur.fetchall()))
+        nxt = next(returned, None)
+        result: list[int | None] = []
+        for _, _, key in rows:
+            if nxt is not None and nxt[1] == key:
+                result.append(nxt[0])
+                nxt = next(returned, None)
+            else:
+                result.append(None)
+        return result
 
 
 class Task(Enqueuer):
@@ -123,8 +170,13 @@ class Task(Enqueuer):
 
 
 def job(name: str | None = None, *, queue: str = "default", priority: int = 0, max_attempts: int = 25,
-        timeout: float | None = None) -> Callable[[Callable[..., Any]], Task]:
-    """Register a function as a job. `name` defaults to `module.function`."""
+        timeout: float | None = None, unique: bool | Callable[..., Any] | None = None,
+        ) -> Callable[[Callable[..., Any]], Task]:
+    """Register a function as a job. `name` defaults to `module.function`.
+
+    `unique=True` makes jobs with equal arguments unique while one is pending; `unique=fn` uses
+    `fn(*args, **kwargs)` as the key.
+    """
     if callable(name):  # used bare, as @job
         return job()(name)
     _check_priority(priority)
@@ -137,7 +189,7 @@ def job(name: str | None = None, *, queue: str = "default", priority: int = 0, m
         if existing is not None and existing.fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"job name {task_name!r} is already registered by {existing.fn!r}")
         task = Task(fn, task_name, Options(queue=queue, priority=priority, max_attempts=max_attempts,
-                                            timeout=timeout))
+                                            timeout=timeout, unique=unique))
         _registry[task_name] = task
         return task
 

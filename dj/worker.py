@@ -207,9 +207,7 @@ class Worker:
                         "errors": [o.error[:MAX_ERROR_CHARS] for o in bad],
                         "delays": [retry_delay(o.job.attempts) for o in bad],
                         "dead": [o.dead for o in bad], "worker": self.name})
-                cur = self._conn.execute(sql.CLAIM, {
-                    "queues": self.queues, "min_priority": self.min_priority, "max_priority": self.max_priority,
-                    "limit": room, "worker": self.name}) if claim else None
+                cur = self._claim(room) if claim else None
         except BaseException:
             self._results.extendleft(reversed(outcomes))  # record them after reconnecting
             raise
@@ -224,6 +222,13 @@ class Worker:
             self._held[job.id] = job
             self._todo.put(job)
         return len(rows)
+
+    def _claim(self, room: int) -> psycopg.Cursor:
+        with self._conn.transaction():
+            self._conn.execute(sql.LOCK_LIMITED_QUEUES, {"queues": self.queues})
+            return self._conn.execute(sql.CLAIM, {
+                "queues": self.queues, "min_priority": self.min_priority, "max_priority": self.max_priority,
+                "limit": room, "worker": self.name})
 
     def _count(self, outcomes: list[Outcome]) -> None:
         for o in outcomes:
