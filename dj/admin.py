@@ -47,7 +47,7 @@ FROM job_stats WHERE bucket > now() - interval '60 seconds'
 """
 
 _COLUMNS = ("id, queue, priority, task, args, kwargs, run_at, attempts, max_attempts, timeout, locked_at,"
-            " locked_by, failed_at, last_error, created_at")
+            " locked_by, failed_at, last_error, created_at, unique_key, batch_id, progress")
 
 
 def status(conn: psycopg.Connection) -> dict[str, Any]:
@@ -185,3 +185,23 @@ def _set_paused(conn: psycopg.Connection, queue: str, paused: bool) -> None:
 def _state_expr() -> str:
     return ("CASE " + " ".join(f"WHEN {cond} THEN '{name}'" for name, cond in STATE_SQL.items())
             + " END")
+
+
+def set_concurrency_limit(conn: psycopg.Connection, queue: str, limit: int | None) -> None:
+    """Cap the running jobs of `queue` across all workers and hosts; None removes the cap."""
+    if limit is not None and limit < 0:
+        raise DJError("a queue limit must be 0 or more")
+    with conn.transaction():
+        conn.execute("INSERT INTO queue_settings (queue, concurrency_limit) VALUES (%s, %s)"
+                     " ON CONFLICT (queue) DO UPDATE SET concurrency_limit = EXCLUDED.concurrency_limit",
+                     (queue, limit))
+        conn.execute("SELECT pg_notify('dj_jobs', %s)", (queue,))
+
+
+def running_progress(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Running jobs that have reported progress."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT id, queue, task, locked_by, (progress->>'fraction')::float8 AS fraction,"
+            " progress->>'message' AS message FROM jobs"
+            " WHERE locked_by IS NOT NULL AND failed_at IS NULL AND progress IS NOT NULL ORDER BY id").fetchall()

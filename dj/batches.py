@@ -62,3 +62,11 @@ def show(conn: psycopg.Connection, batch_id: int) -> dict[str, Any] | None:
         row = cur.execute("SELECT b.*, (SELECT count(*) FROM jobs j WHERE j.batch_id = b.id AND j.failed_at IS NULL)"
                           " AS pending FROM batches b WHERE b.id = %s", (batch_id,)).fetchone()
     return row
+
+
+def record_result(batch_id: int, result: Any) -> None:
+    """Store a JSON result on a batch (a callback records what it found)."""
+    from .task import to_json
+
+    with db.transaction() as conn:
+        conn.execute("UPDATE batches SET result = %s::jsonb WHERE id = %s", (to_json(result, "result"), batch_id))

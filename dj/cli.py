@@ -31,6 +31,11 @@ app.add_typer(enqueue_app, name="enqueue")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(db_app, name="db")
 app.add_typer(counters_app, name="counters")
+queue_app = typer.Typer(help="Pause, resume and limit queues (stored in the database, for every worker).",
+                        no_args_is_help=True)
+batch_app = typer.Typer(help="Batches of jobs with a callback.", no_args_is_help=True)
+app.add_typer(queue_app, name="queue")
+app.add_typer(batch_app, name="batch")
 
 out = Console()
 
@@ -261,6 +266,13 @@ def status(
         return
     if not watch:
         out.print(_status_table(admin.status(conn)))
+        running = admin.running_progress(conn)
+        if running:
+            table = Table("job", "task", "worker", "progress", "message", title="progress of running jobs")
+            for r in running:
+                table.add_row(str(r["id"]), r["task"], r["locked_by"], f"{100 * (r['fraction'] or 0):.0f}%",
+                              r["message"] or "")
+            out.print(table)
         return
     from rich.live import Live
 
@@ -336,6 +348,49 @@ def jobs_tasks() -> None:
     task_mod.load_task_modules()
     for name, t in sorted(task_mod.registered().items()):
         out.print(f"{name}  queue={t.options.queue} priority={t.options.priority}", markup=False)
+
+
+@queue_app.command("pause")
+def queue_pause(name: Annotated[str, typer.Argument(help="Queue name.")], database_url: DatabaseUrl = None) -> None:
+    """Stop workers claiming from a queue (running jobs finish)."""
+    admin.pause_queue(_connect(database_url), name)
+    out.print(f"queue {name} paused", markup=False)
+
+
+@queue_app.command("resume")
+def queue_resume(name: Annotated[str, typer.Argument(help="Queue name.")], database_url: DatabaseUrl = None) -> None:
+    """Let workers claim from a paused queue again."""
+    admin.resume_queue(_connect(database_url), name)
+    out.print(f"queue {name} resumed", markup=False)
+
+
+@queue_app.command("limit")
+def queue_limit(
+    name: Annotated[str, typer.Argument(help="Queue name.")],
+    limit: Annotated[Optional[int], typer.Argument(help="Most running jobs across all workers; omit to remove.")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Cap how many jobs of a queue run at once, across all workers and hosts."""
+    admin.set_concurrency_limit(_connect(database_url), name, limit)
+    out.print(f"queue {name}: " + (f"at most {limit} running" if limit is not None else "no limit"), markup=False)
+
+
+@batch_app.command("show")
+def batch_show(batch_id: Annotated[int, typer.Argument(metavar="ID")], database_url: DatabaseUrl = None) -> None:
+    """Show a batch's progress and its callback's result."""
+    from . import batches as batch_mod
+
+    row = batch_mod.show(_connect(database_url), batch_id)
+    if row is None:
+        raise DJError(f"no batch {batch_id}")
+    total = row["total"]
+    done = row["succeeded"] + row["dead"]
+    state = "open" if total is None else "finished" if row["finished_at"] else "running"
+    out.print(f"batch {row['id']} ({state}): {done}/{total if total is not None else '?'} done, "
+              f"{row['succeeded']} succeeded, {row['dead']} dead; callback {row['on_complete'] or '-'}",
+              markup=False)
+    if row["result"] is not None:
+        out.print(f"result: {json.dumps(row['result'])}", markup=False)
 
 
 # --- the workload -------------------------------------------------------------------------------

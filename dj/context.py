@@ -14,6 +14,13 @@ class JobContext:
     attempt: int
     worker: str
 
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Report how far this job has got (0.0 to 1.0); `dj status` and the dashboard show it."""
+        from . import db, sql
+
+        with db.transaction() as conn:
+            conn.execute(sql.PROGRESS, (float(fraction), message, self.id, self.attempt, self.worker))
+
 
 _current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar("dj_current_job", default=None)
 

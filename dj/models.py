@@ -118,3 +118,16 @@ class Batch(Base):
     result: Mapped[dict | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(TZ, nullable=False, server_default=text("now()"))
     finished_at: Mapped[datetime | None] = mapped_column(TZ)
+
+
+class CronRun(Base):
+    """One row per cron task: the last tick enqueued. A worker fires a tick by moving `last_tick`
+    forward and enqueueing the job in one transaction, so each tick is enqueued once (dj/cron.py)."""
+
+    __tablename__ = "cron_runs"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    expr: Mapped[str] = mapped_column(Text, nullable=False)
+    last_tick: Mapped[datetime] = mapped_column(TZ, nullable=False)
+    last_job_id: Mapped[int | None] = mapped_column(BigInteger)
+    fired_at: Mapped[datetime | None] = mapped_column(TZ)

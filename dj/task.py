@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from . import config, db, sql
-from .batch import current_batch
+from .batches import current_batch
 from .errors import DJError
 
 _registry: dict[str, "Task"] = {}
@@ -155,9 +155,10 @@ class Enqueuer:
 class Task(Enqueuer):
     """A registered job function. Calling it runs the function directly, in this process."""
 
-    def __init__(self, fn: Callable[..., Any], name: str, options: Options):
+    def __init__(self, fn: Callable[..., Any], name: str, options: Options, cron: str | None = None):
         super().__init__(name, options)
         self.fn = fn
+        self.cron = cron  # a cron expression: workers enqueue the task at each tick (see dj/cron.py)
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)
         self.__wrapped__ = fn
@@ -171,17 +172,23 @@ class Task(Enqueuer):
 
 def job(name: str | None = None, *, queue: str = "default", priority: int = 0, max_attempts: int = 25,
         timeout: float | None = None, unique: bool | Callable[..., Any] | None = None,
+        cron: str | None = None,
         ) -> Callable[[Callable[..., Any]], Task]:
     """Register a function as a job. `name` defaults to `module.function`.
 
     `unique=True` makes jobs with equal arguments unique while one is pending; `unique=fn` uses
     `fn(*args, **kwargs)` as the key.
+    `cron="*/5 * * * *"` makes running workers enqueue it, without arguments, once per tick (dj/cron.py).
     """
     if callable(name):  # used bare, as @job
         return job()(name)
     _check_priority(priority)
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
+    if cron is not None:
+        from .cron import validate
+
+        validate(cron)  # ValueError for an expression croniter rejects or that never fires
 
     def register(fn: Callable[..., Any]) -> Task:
         task_name = name or f"{fn.__module__}.{fn.__qualname__}"
@@ -189,7 +196,7 @@ def job(name: str | None = None, *, queue: str = "default", priority: int = 0, m
         if existing is not None and existing.fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"job name {task_name!r} is already registered by {existing.fn!r}")
         task = Task(fn, task_name, Options(queue=queue, priority=priority, max_attempts=max_attempts,
-                                            timeout=timeout, unique=unique))
+                                            timeout=timeout, unique=unique), cron=cron)
         _registry[task_name] = task
         return task
 
