@@ -1,0 +1,1023 @@
+"""`dj bench`: the performance figures of the performance issue, measured in one run.
+
+Every measurement runs against the configured database (the embedded server by default) on
+queues of its own, named `bench-<run>-<part>`, so it never claims, counts or deletes anyone else's
+jobs; its rows, statistics and worker rows are removed at the end, even after an error or Ctrl-C.
+Two parts need tables of their own and get a scratch database on the same server, created and
+dropped by the run: the counter rebuild (the Q&A board it seeds) and the peers (procrastinate and
+pgqueuer install their schemas there).
+
+Workers run as real `dj work` processes, started before the jobs are enqueued and idle until
+then: a drain is timed from the commit of the `enqueue_many` that fills the queue (the NOTIFY
+wakes the workers) to the moment no job of the queue is left, so interpreter start-up is never
+counted.
+
+Python API: `run_bench(jobs=10000, processes=(1, 2), peers=False, quick=False, progress=None)`
+returns the result document that `dj bench --json` prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import psycopg
+from psycopg import conninfo
+from psycopg import sql as pgsql
+
+from . import config, db
+from .context import current_job
+from .errors import DJError
+from .task import job
+
+Progress = Callable[[str, int, int], None]
+"""progress(description, steps_done, steps_total): called as each step starts."""
+
+DEFAULT_JOBS = 10_000
+QUICK_JOBS = 2_000
+LATENCY_RATE = 200  # enqueues per second
+LATENCY_SECONDS, QUICK_LATENCY_SECONDS = 5.0, 1.0
+SOAK_JOBS, QUICK_SOAK_JOBS = 1_000_000, 20_000
+SOAK_ROUND = 100_000
+REBUILD_SIZE = (100_000, 1_000_000)  # questions, answers
+QUICK_REBUILD_SIZE = (2_000, 20_000)
+REBUILD_BATCH = 1_000
+REBUILD_PROCESSES = 2
+RAW_BATCH = 100
+QUICK_PEER_JOBS = 1_000
+PEERS = ("procrastinate", "pgqueuer")
+
+# The plain-SQL ceiling of the issue: claim and delete in batches, nothing else.
+RAW_CLAIM_DELETE = f"""
+DELETE FROM jobs WHERE id IN (
+    SELECT id FROM jobs
+    WHERE queue = %s AND locked_by IS NULL AND failed_at IS NULL
+    ORDER BY priority, run_at, id
+    LIMIT {RAW_BATCH}
+    FOR UPDATE SKIP LOCKED)
+RETURNING id
+"""
+
+# The reference for single enqueues: one bare INSERT per round trip, autocommit, no NOTIFY. The
+# columns left out take their defaults, which are what a no-op job of the default queue gets.
+BARE_INSERT = "INSERT INTO jobs (queue, task) VALUES (%s, %s) RETURNING id"
+
+# Written so that each half can be answered from a partial index (the claim index, the
+# locked-jobs index) instead of scanning the heap and its dead tuples on every poll. Dead jobs
+# (failed_at set) do not count as pending; a drain checks for them separately.
+PENDING = """
+SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = %(q)s AND locked_by IS NULL AND failed_at IS NULL)
+    OR EXISTS (SELECT 1 FROM jobs WHERE locked_by IS NOT NULL AND queue = %(q)s)
+"""
+
+
+# --- the bench's own jobs -------------------------------------------------------------------------
+# Worker processes started by the bench import this module through DJ_TASKS.
+
+@job(name="dj.bench.noop")
+def noop(*args: Any, **kwargs: Any) -> None:
+    """Does nothing: what the drain measures is the queue's own cost per job."""
+
+
+@job(name="dj.bench.stamp")
+def stamp(table: str) -> None:
+    """Record when this job started, for the enqueue-to-start latency."""
+    started = time.time()
+    ctx = current_job()
+    with db.pool().connection() as conn:
+        conn.execute(pgsql.SQL("INSERT INTO {} (job_id, started) VALUES (%s, %s)").format(pgsql.Identifier(table)),
+                     (ctx.id if ctx else 0, started))
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+def parse_processes(text: str) -> tuple[int, ...]:
+    """`--processes`: "2" means 1 and 2 processes; "1,4" means exactly 1 and 4."""
+    try:
+        if "," in text:
+            values = sorted({int(part) for part in text.split(",") if part.strip()})
+        else:
+            values = list(range(1, int(text) + 1))
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise DJError(f"--processes {text!r} must be a positive integer or a list like 1,2")
+    return tuple(values)
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def _rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else math.inf
+
+
+class _Steps:
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress = progress
+        self.total = total
+        self.done = -1
+
+    def start(self, description: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(description, min(self.done, self.total), self.total)
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress("done", self.total, self.total)
+
+
+def _tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return " | ".join(line.strip() for line in f.read().strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class _WorkerPool:
+    """`dj work --processes P` on the given queues, as a real subprocess, started and waited for
+    until every process has registered (so its start-up is not timed), stopped with SIGTERM."""
+
+    def __init__(self, url: str, queues: list[str], processes: int):
+        self.url = url
+        self.queues = queues
+        self.processes = processes
+        self.proc: subprocess.Popen | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="dj-bench-workers-", suffix=".log", delete=False)
+
+    def __enter__(self) -> "_WorkerPool":
+        tasks = ",".join(filter(None, [os.environ.get("DJ_TASKS", ""), __name__]))
+        env = {**os.environ, "DJ_DATABASE_URL": self.url, "DJ_TASKS": tasks}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dj", "work", "--queues", ",".join(self.queues),
+             "--processes", str(self.processes), "--database-url", self.url],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, env=env,
+            start_new_session=True)  # the bench stops it; a Ctrl-C meant for the bench must not
+        try:
+            with db.connect(self.url, autocommit=True) as conn:
+                deadline = time.monotonic() + 120
+                while conn.execute("SELECT count(*) FROM workers WHERE %s = ANY(queues)",
+                                   (self.queues[0],)).fetchone()[0] < self.processes:
+                    self.check()
+                    if time.monotonic() > deadline:
+                        raise DJError(f"bench workers did not start within 120 s; see {self.log.name}")
+                    time.sleep(0.05)
+        except BaseException:
+            self.__exit__()
+            raise
+        time.sleep(0.3)  # the listener connects and LISTENs just after the worker registers
+        return self
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise DJError(f"bench workers exited with code {self.proc.returncode}: {_tail(self.log.name)}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+        if not exc or exc[0] is None:  # after a failure the log stays, named in the error
+            try:
+                os.unlink(self.log.name)
+            except OSError:
+                pass
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+class _Bench:
+    def __init__(self, url: str, jobs: int, processes: tuple[int, ...], peers: bool, quick: bool,
+                 progress: Progress | None, soak_jobs: int, latency_s: float, rebuild_size: tuple[int, int]):
+        self.url = url
+        self.jobs = jobs
+        self.processes = processes
+        self.peers = peers
+        self.quick = quick
+        self.soak_jobs = soak_jobs
+        self.soak_round = min(SOAK_ROUND, max(1, soak_jobs // 5)) if quick else min(SOAK_ROUND, soak_jobs)
+        self.latency_s = latency_s
+        self.rebuild_size = rebuild_size
+        self.run = uuid.uuid4().hex[:8]
+        self.prefix = f"bench-{self.run}-"
+        self.latency_table = f"dj_bench_latency_{self.run}"
+        self.scratch_db = f"dj_bench_{self.run}"
+        self.scratch_url: str | None = None
+        self.notes: list[str] = []
+        soak_rounds = math.ceil(soak_jobs / self.soak_round) if soak_jobs else 0
+        # setup, bulk, single, drains, latency, soak rounds, 3 rebuild steps, peers, cleanup
+        total = 3 + len(processes) + 1 + soak_rounds + 3 + (len(PEERS) * (1 + len(processes)) if peers else 0) + 1
+        self.steps = _Steps(progress, total)
+
+    def queue(self, part: str) -> str:
+        return self.prefix + part
+
+    # --- orchestration ------------------------------------------------------------------------
+
+    def execute(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        self.steps.start("setup: migrate, warm up")
+        from .schema import migrate
+
+        migrate(self.url)
+        self.conn = db.connect(self.url, autocommit=True)
+        result: dict[str, Any] = {"machine": self.machine()}
+        try:
+            self.steps.start(f"enqueue_many {self.jobs:,} jobs, then the plain-SQL ceiling")
+            result["enqueue_bulk_per_s"], result["raw_ceiling_per_s"] = self.bulk_and_raw()
+            self.steps.start("single enqueues vs bare INSERTs")
+            result["enqueue_single_per_s"], result["insert_single_per_s"] = self.single()
+            result["drain_per_s"] = {}
+            biggest = max(self.processes)
+            for p in self.processes:
+                self.steps.start(f"drain {self.jobs:,} jobs with {p} process{'es' if p > 1 else ''}")
+                q = self.queue(f"p{p}")
+                with _WorkerPool(self.url, [q], p) as pool:
+                    result["drain_per_s"][str(p)] = self.drain(pool, q, self.jobs)
+                    if p == 1:
+                        self.steps.start(f"latency: {LATENCY_RATE} enqueues/s for {self.latency_s:g} s")
+                        result["latency_ms"] = self.latency(pool, q)
+                    if p == biggest:
+                        result["soak"] = self.soak(pool, q, p)
+            if "latency_ms" not in result:  # 1 was not among the process counts
+                self.steps.start(f"latency: {LATENCY_RATE} enqueues/s for {self.latency_s:g} s")
+                with _WorkerPool(self.url, [self.queue("p1")], 1) as pool:
+                    result["latency_ms"] = self.latency(pool, self.queue("p1"))
+            result["rebuild"] = self.rebuild()
+            if self.peers:
+                result["peers"] = self.measure_peers()
+        finally:
+            self.steps.start("cleaning up")
+            self.cleanup()
+            self.steps.finish()
+        result["config"] = {
+            "jobs": self.jobs, "processes": list(self.processes), "quick": self.quick,
+            "soak_jobs": self.soak_jobs, "soak_round": self.soak_round, "latency_rate_per_s": LATENCY_RATE,
+            "latency_s": self.latency_s, "rebuild_questions": self.rebuild_size[0],
+            "rebuild_answers": self.rebuild_size[1], "rebuild_batch": REBUILD_BATCH,
+            "rebuild_processes": REBUILD_PROCESSES, "raw_batch": RAW_BATCH,
+            "worker_concurrency": "dj work default",
+        }
+        result["notes"] = self.notes
+        result["elapsed_s"] = time.perf_counter() - started
+        return result
+
+    def machine(self) -> dict[str, Any]:
+        settings = {name: self.conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0]
+                    for name in ("shared_buffers", "synchronous_commit", "fsync", "max_connections")}
+        try:
+            usable = len(os.sched_getaffinity(0))
+        except AttributeError:
+            usable = os.cpu_count()
+        try:
+            from importlib.metadata import version
+
+            dj_version = version("dj")
+        except Exception:  # noqa: BLE001 - running from a source tree
+            dj_version = "unknown"
+        return {
+            "cpu_count": os.cpu_count(),
+            "cpus_usable": usable,
+            # Other work on the machine skews every figure; this says how busy it was at the start.
+            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "postgresql": self.conn.execute("SHOW server_version").fetchone()[0],
+            "postgresql_settings": settings,
+            "server": "external" if (db._override or config.configured_url()) else "embedded",
+            "python": platform.python_version(),
+            "psycopg": psycopg.__version__,
+            "dj": dj_version,
+            "platform": platform.platform(),
+        }
+
+    # --- enqueue ------------------------------------------------------------------------------
+
+    def bulk_and_raw(self) -> tuple[float, float]:
+        q = self.queue("raw")
+        target = noop.using(queue=q)
+        target.enqueue_many([()] * 50)  # warm-up: pool connection, statement preparation
+        self.conn.execute("DELETE FROM jobs WHERE queue = %s", (q,))
+        t = time.perf_counter()
+        target.enqueue_many([()] * self.jobs)
+        bulk = _rate(self.jobs, time.perf_counter() - t)
+
+        done = 0
+        with db.connect(self.url, autocommit=True) as conn:
+            t = time.perf_counter()
+            while True:
+                rows = conn.execute(RAW_CLAIM_DELETE, (q,)).fetchall()
+                if not rows:
+                    break
+                done += len(rows)
+            raw = _rate(done, time.perf_counter() - t)
+        return bulk, raw
+
+    def single(self) -> tuple[float, float]:
+        """task.enqueue() (a pooled connection, its own transaction, a NOTIFY) against a bare
+        INSERT round trip, in alternating blocks so that a load change hits both alike."""
+        q = self.queue("single")
+        n = max(500, self.jobs // 10)
+        blocks = 5
+        per_block = math.ceil(n / blocks)
+        target = noop.using(queue=q)
+        params = (q, noop.name)
+        enqueue_s = insert_s = 0.0
+        with db.connect(self.url, autocommit=True) as conn:
+            for _ in range(20):  # warm-up: both statements get prepared after a few runs
+                target.enqueue()
+                conn.execute(BARE_INSERT, params).fetchone()
+            for _ in range(blocks):
+                t = time.perf_counter()
+                for _ in range(per_block):
+                    target.enqueue()
+                enqueue_s += time.perf_counter() - t
+                t = time.perf_counter()
+                for _ in range(per_block):
+                    conn.execute(BARE_INSERT, params).fetchone()
+                insert_s += time.perf_counter() - t
+        self.conn.execute("DELETE FROM jobs WHERE queue = %s", (q,))
+        return _rate(per_block * blocks, enqueue_s), _rate(per_block * blocks, insert_s)
+
+    # --- draining -----------------------------------------------------------------------------
+
+    def wait_empty(self, pool: Any, q: str, n: int, pending_sql: str = PENDING) -> float:
+        """Poll until no job of `q` is pending; returns perf_counter() at that moment. The poll
+        interval grows with the elapsed time (1% of it), so polling costs little and the
+        measurement error stays near 1%."""
+        started = time.perf_counter()
+        deadline = started + max(300.0, n / 50)
+        while True:
+            now = time.perf_counter()
+            if not self.conn.execute(pending_sql, {"q": q}).fetchone()[0]:
+                return now
+            pool.check()
+            if now > deadline:
+                raise DJError(f"bench queue {q} did not drain within {deadline - started:.0f} s")
+            time.sleep(min(0.05, max(0.002, 0.01 * (now - started))))
+
+    def fill_and_drain(self, pool: _WorkerPool, q: str, n: int) -> float:
+        noop.using(queue=q).enqueue_many([()] * n)
+        t0 = time.perf_counter()  # committed: the workers were woken by its NOTIFY
+        t1 = self.wait_empty(pool, q, n)
+        self.check_no_dead(q)
+        return _rate(n, t1 - t0)
+
+    def check_no_dead(self, q: str, conn: psycopg.Connection | None = None) -> None:
+        row = (conn or self.conn).execute(
+            "SELECT count(*), max(last_error) FROM jobs WHERE queue = %s AND failed_at IS NOT NULL", (q,)).fetchone()
+        if row[0]:
+            error = (row[1] or "").strip().splitlines()
+            raise DJError(f"{row[0]} bench job(s) failed: {error[-1] if error else 'no error recorded'}")
+
+    def drain(self, pool: _WorkerPool, q: str, n: int) -> float:
+        self.fill_and_drain(pool, q, min(n, 200))  # warm-up: connections, prepared statements
+        return self.fill_and_drain(pool, q, n)
+
+    # --- latency ------------------------------------------------------------------------------
+
+    def latency(self, pool: _WorkerPool, q: str) -> dict[str, float]:
+        table = pgsql.Identifier(self.latency_table)
+        self.conn.execute(pgsql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} (job_id bigint PRIMARY KEY,"
+                                    " started float8 NOT NULL)").format(table))
+        target = stamp.using(queue=q)
+        for _ in range(10):  # warm-up, not counted
+            target.enqueue(self.latency_table)
+            time.sleep(1 / LATENCY_RATE)
+        self.wait_empty(pool, q, 10)
+        self.conn.execute(pgsql.SQL("TRUNCATE {}").format(table))
+
+        count = max(1, int(LATENCY_RATE * self.latency_s))
+        sent: dict[int, float] = {}
+        begin = time.perf_counter()
+        for i in range(count):
+            delay = begin + i / LATENCY_RATE - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            job_id = target.enqueue(self.latency_table)
+            sent[job_id] = time.time()  # the commit has been acknowledged
+        self.wait_empty(pool, q, count)
+        self.check_no_dead(q)
+        rows = self.conn.execute(pgsql.SQL("SELECT job_id, started FROM {}").format(table)).fetchall()
+        values = sorted((started - sent[job_id]) * 1000 for job_id, started in rows if job_id in sent)
+        if len(values) < count:
+            self.notes.append(f"latency: only {len(values)} of {count} stamped jobs were recorded")
+        return {"p50": percentile(values, 50), "p95": percentile(values, 95), "p99": percentile(values, 99),
+                "max": values[-1] if values else math.nan, "mean": sum(values) / len(values) if values else math.nan,
+                "samples": len(values)}
+
+    # --- soak ---------------------------------------------------------------------------------
+
+    def table_bytes(self) -> int:
+        return self.conn.execute("SELECT pg_total_relation_size('jobs')").fetchone()[0]
+
+    def soak(self, pool: _WorkerPool, q: str, processes: int) -> dict[str, Any]:
+        before = peak = self.table_bytes()
+        rates: list[float] = []
+        done = 0
+        rounds = math.ceil(self.soak_jobs / self.soak_round)
+        for r in range(rounds):
+            n = min(self.soak_round, self.soak_jobs - done)
+            self.steps.start(f"soak: round {r + 1}/{rounds}, {done + n:,} of {self.soak_jobs:,} jobs"
+                             f" ({processes} process{'es' if processes > 1 else ''})")
+            noop.using(queue=q).enqueue_many([()] * n)
+            t0 = time.perf_counter()
+            peak = max(peak, self.table_bytes())
+            t1 = self.wait_empty(pool, q, n)
+            self.check_no_dead(q)
+            rates.append(_rate(n, t1 - t0))
+            done += n
+        after = self.table_bytes()
+        first, last = (rates[0], rates[-1]) if rates else (math.nan, math.nan)
+        return {"jobs": done, "round": self.soak_round, "processes": processes, "first_per_s": first,
+                "last_per_s": last, "ratio": last / first if rates else math.nan, "rounds_per_s": rates,
+                "table_bytes_before": before, "table_bytes_peak": peak, "table_bytes_after": after}
+
+    # --- scratch database: the rebuild and the peers ------------------------------------------
+
+    def scratch(self) -> str:
+        if self.scratch_url is None:
+            self.conn.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(self.scratch_db)))
+            self.scratch_url = conninfo.make_conninfo(self.url, dbname=self.scratch_db)
+        return self.scratch_url
+
+    def rebuild(self) -> dict[str, Any]:
+        questions, answers = self.rebuild_size
+        self.steps.start(f"rebuild: seed {questions:,} questions, {answers:,} answers")
+        empty = {"serial_s": math.nan, "batched_s": math.nan, "ratio": math.nan}
+        try:
+            from tasks import counters, seed
+        except ImportError as exc:
+            self.notes.append(f"rebuild: the workload in tasks/ cannot be imported ({exc})")
+            return empty
+        try:
+            url = self.scratch()
+        except psycopg.errors.InsufficientPrivilege:
+            self.notes.append("rebuild: not measured, the database user may not CREATE DATABASE and the"
+                              " bench does not write into the workload's own tables")
+            return empty
+        from .schema import migrate
+
+        migrate(url)
+        with db.connect(url, autocommit=True) as conn:
+            seed.insert_questions(conn, questions)
+            seed.insert_answers(conn, answers)
+        q = self.queue("rebuild")
+        saved = db._override
+        db.use_database(url)  # enqueue_rebuild plans and enqueues on "the" database
+        try:
+            with _WorkerPool(url, [q], REBUILD_PROCESSES) as pool, db.connect(url, autocommit=True) as conn:
+                self.steps.start("rebuild: one serial job")
+                self.reset_counters(conn)
+                t = time.perf_counter()
+                counters.rebuild_all_serial.using(queue=q).enqueue("all")
+                serial_s = self.wait_rebuild(pool, conn, q) - t
+                serial_ok = not counters.check(conn, limit=1)
+
+                self.steps.start(f"rebuild: jobs of {REBUILD_BATCH} ids on {REBUILD_PROCESSES} processes")
+                self.reset_counters(conn)
+                t = time.perf_counter()
+                ranges = counters.enqueue_rebuild(REBUILD_BATCH, table="all", queue=q)
+                batched_s = self.wait_rebuild(pool, conn, q) - t
+                batched_ok = not counters.check(conn, limit=1)
+        finally:
+            db.use_database(saved)
+            stale = db._pools.pop(url, None)
+            if stale is not None:
+                stale.close()
+        if not (serial_ok and batched_ok):
+            self.notes.append("rebuild: counters were still wrong after a rebuild")
+        return {"questions": questions, "answers": answers, "serial_s": serial_s, "batched_s": batched_s,
+                "ratio": batched_s / serial_s if serial_s > 0 else math.nan, "batched_jobs": len(ranges),
+                "batch": REBUILD_BATCH, "processes": REBUILD_PROCESSES, "correct": serial_ok and batched_ok}
+
+    @staticmethod
+    def reset_counters(conn: psycopg.Connection) -> None:
+        """Both rebuilds start from the same state: every counter 0 (wrong), tables vacuumed."""
+        conn.execute("UPDATE questions SET answers_count = 0, approved_answers_count = 0")
+        conn.execute("VACUUM ANALYZE questions, answers")
+
+    def wait_rebuild(self, pool: _WorkerPool, conn: psycopg.Connection, q: str) -> float:
+        saved, self.conn = self.conn, conn
+        try:
+            t1 = self.wait_empty(pool, q, 1)
+            self.check_no_dead(q)
+            return t1
+        finally:
+            self.conn = saved
+
+    def measure_peers(self) -> dict[str, Any]:
+        found = {}
+        for name in PEERS:
+            try:
+                __import__(name)
+                found[name] = True
+            except ImportError:
+                pass
+        if not found:
+            self.notes.append("peers: neither procrastinate nor pgqueuer is installed (pip install 'dj[bench]')")
+            return {}
+        try:
+            url = self.scratch()
+        except psycopg.errors.InsufficientPrivilege:
+            self.notes.append("peers: not measured, the database user may not CREATE DATABASE")
+            return {}
+        n = min(self.jobs, QUICK_PEER_JOBS) if self.quick else self.jobs
+        results: dict[str, Any] = {}
+        for name in PEERS:
+            if name not in found:
+                self.notes.append(f"peers: {name} is not installed")
+                continue
+            peer = _PEER_CLASSES[name](url, self.queue(name), self)
+            self.steps.start(f"{name}: bulk enqueue of {n:,} jobs")
+            try:
+                peer.setup()
+                bulk = peer.bulk(n)
+                drains = {}
+                for p in self.processes:
+                    self.steps.start(f"{name}: drain {n:,} jobs with {p} process{'es' if p > 1 else ''}")
+                    drains[str(p)] = peer.drain(n, p)
+            except Exception as exc:  # noqa: BLE001 - a peer's failure must not lose dj's figures
+                self.notes.append(f"peers: {name} failed: {type(exc).__name__}: {str(exc).strip()[:200]}")
+                continue
+            results[name] = {"version": _version(name), "jobs": n, "drain_per_s": drains,
+                             "enqueue_bulk_per_s": bulk}
+            if name == "pgqueuer":
+                results[name]["driver"] = _pgqueuer_driver_name()
+        return results
+
+    # --- cleanup ------------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        like = self.prefix.replace("_", r"\_") + "%"
+        try:
+            with db.connect(self.url, autocommit=True) as conn:
+                conn.execute("DELETE FROM jobs WHERE queue LIKE %s", (like,))
+                conn.execute("DELETE FROM job_stats WHERE queue LIKE %s", (like,))
+                conn.execute("DELETE FROM workers WHERE EXISTS (SELECT 1 FROM unnest(queues) AS q WHERE q LIKE %s)",
+                             (like,))
+                conn.execute(pgsql.SQL("DROP TABLE IF EXISTS {}").format(pgsql.Identifier(self.latency_table)))
+                if self.scratch_url is not None:
+                    conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        pgsql.Identifier(self.scratch_db)))
+        finally:
+            if getattr(self, "conn", None) is not None:
+                self.conn.close()
+
+
+# --- peers ----------------------------------------------------------------------------------------
+
+def _version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _quiet_child(log_path: str) -> None:
+    """A peer worker process writes its logs to a file, not over the bench's progress display."""
+    import logging
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.dup2(fd, 1)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+
+class _PeerWorkers:
+    """P peer worker processes (multiprocessing, spawn), each reporting when it is about to work."""
+
+    def __init__(self, target: Callable[..., None], args: tuple, processes: int):
+        self.ctx = multiprocessing.get_context("spawn")
+        self.log = tempfile.NamedTemporaryFile(prefix="dj-bench-peer-", suffix=".log", delete=False)
+        self.log.close()
+        self.events = [self.ctx.Event() for _ in range(processes)]
+        self.children = [self.ctx.Process(target=target, args=(*args, e, self.log.name), daemon=True)
+                         for e in self.events]
+
+    def __enter__(self) -> "_PeerWorkers":
+        try:
+            for child in self.children:
+                child.start()
+            deadline = time.monotonic() + 120
+            for event in self.events:
+                while not event.wait(0.1):
+                    self.check()
+                    if time.monotonic() > deadline:
+                        raise DJError("peer workers did not start within 120 s")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def check(self) -> None:
+        for child in self.children:
+            if child.exitcode is not None:
+                raise DJError(f"a peer worker exited with code {child.exitcode}: {_tail(self.log.name)}")
+
+    def __exit__(self, *exc: Any) -> None:
+        for child in self.children:
+            if child.is_alive():
+                child.terminate()
+        for child in self.children:
+            child.join(15)
+            if child.is_alive():
+                child.kill()
+                child.join(5)
+        try:
+            os.unlink(self.log.name)
+        except OSError:
+            pass
+
+
+class _Peer:
+    """One peer system on the scratch database: install, bulk-enqueue, drain with P processes."""
+
+    name = ""
+    worker: Callable[..., None]
+
+    def __init__(self, url: str, queue: str, bench: _Bench):
+        self.url = url
+        self.queue = queue
+        self.bench = bench
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def enqueue(self, n: int) -> None:
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+    pending_sql = ""
+
+    def bulk(self, n: int) -> float:
+        self.enqueue(10)  # warm-up
+        self.clear()
+        t = time.perf_counter()
+        self.enqueue(n)
+        rate = _rate(n, time.perf_counter() - t)
+        self.clear()
+        return rate
+
+    def drain(self, n: int, processes: int) -> float:
+        with _PeerWorkers(type(self).worker, (self.url, self.queue), processes) as workers, \
+                db.connect(self.url, autocommit=True) as conn:
+            saved, self.bench.conn = self.bench.conn, conn
+            try:
+                self.enqueue(min(n, 20))  # warm-up: every worker loop running and listening
+                self.bench.wait_empty(workers, self.queue, 20, self.pending_sql)
+                time.sleep(0.3)
+                self.enqueue(n)
+                t0 = time.perf_counter()
+                t1 = self.bench.wait_empty(workers, self.queue, n, self.pending_sql)
+            finally:
+                self.bench.conn = saved
+        return _rate(n, t1 - t0)
+
+
+def _procrastinate_app(url: str, queue: str):
+    import procrastinate
+
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+
+    @app.task(name="dj_bench_noop", queue=queue)
+    def noop_task() -> None:
+        pass
+
+    return app, noop_task
+
+
+def _procrastinate_worker(url: str, queue: str, ready, log_path: str) -> None:
+    _quiet_child(log_path)
+    app, _ = _procrastinate_app(url, queue)
+
+    async def main() -> None:
+        async with app.open_async():
+            ready.set()
+            await app.run_worker_async(queues=[queue])  # its defaults: concurrency 1, LISTEN/NOTIFY
+
+    asyncio.run(main())
+
+
+class _Procrastinate(_Peer):
+    name = "procrastinate"
+    worker = staticmethod(_procrastinate_worker)
+    pending_sql = ("SELECT EXISTS (SELECT 1 FROM procrastinate_jobs WHERE queue_name = %(q)s"
+                   " AND status IN ('todo', 'doing'))")
+
+    def setup(self) -> None:
+        app, _ = _procrastinate_app(self.url, self.queue)
+
+        async def install() -> None:
+            async with app.open_async():
+                await app.schema_manager.apply_schema_async()
+
+        asyncio.run(install())
+
+    def bulk(self, n: int) -> float:
+        """Timed inside the event loop, around `batch_defer_async` alone."""
+        app, task = _procrastinate_app(self.url, self.queue)
+
+        async def run() -> float:
+            async with app.open_async():
+                await task.batch_defer_async(*([{}] * 10))
+                self.clear()
+                t = time.perf_counter()
+                await task.batch_defer_async(*([{}] * n))
+                elapsed = time.perf_counter() - t
+            self.clear()
+            return _rate(n, elapsed)
+
+        return asyncio.run(run())
+
+    def enqueue(self, n: int) -> None:
+        app, task = _procrastinate_app(self.url, self.queue)
+
+        async def defer() -> None:
+            async with app.open_async():
+                await task.batch_defer_async(*([{}] * n))
+
+        asyncio.run(defer())
+
+    def clear(self) -> None:
+        with db.connect(self.url, autocommit=True) as conn:
+            conn.execute("DELETE FROM procrastinate_jobs WHERE queue_name = %s AND status = 'todo'", (self.queue,))
+
+
+def _pgqueuer_driver_name() -> str:
+    """pgqueuer's own default (its `pgq` command): asyncpg when installed, else psycopg."""
+    try:
+        import asyncpg  # noqa: F401
+
+        return "asyncpg"
+    except ImportError:
+        return "psycopg"
+
+
+async def _pgqueuer_driver(url: str):
+    """A pgqueuer driver and a coroutine function that closes its connection."""
+    if _pgqueuer_driver_name() == "asyncpg":
+        import asyncpg
+        from pgqueuer import AsyncpgDriver
+
+        params = conninfo.conninfo_to_dict(url)
+        conn = await asyncpg.connect(host=params.get("host"), port=params.get("port"), user=params.get("user"),
+                                     password=params.get("password") or None, database=params.get("dbname"))
+        return AsyncpgDriver(conn), conn.close
+    from pgqueuer import PsycopgDriver
+
+    conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    return PsycopgDriver(conn), conn.close
+
+
+def _pgqueuer_run(coro) -> Any:
+    """pgqueuer's `pgq` runs its loop on uvloop when it is installed; so do we."""
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def _pgqueuer_worker(url: str, entrypoint: str, ready, log_path: str) -> None:
+    _quiet_child(log_path)
+    from pgqueuer import PgQueuer
+
+    async def main() -> None:
+        driver, close = await _pgqueuer_driver(url)
+        pgq = PgQueuer(driver)
+
+        @pgq.entrypoint(entrypoint)
+        async def noop_entry(job) -> None:
+            pass
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, pgq.shutdown.set)
+        ready.set()
+        try:
+            await pgq.run()  # its defaults: batch_size 10, continuous mode, LISTEN/NOTIFY
+        finally:
+            await close()
+
+    _pgqueuer_run(main())
+
+
+class _PgQueuer(_Peer):
+    name = "pgqueuer"
+    worker = staticmethod(_pgqueuer_worker)
+    pending_sql = "SELECT EXISTS (SELECT 1 FROM pgqueuer WHERE entrypoint = %(q)s)"
+
+    def _with_queries(self, work: Callable[[Any], Any]) -> Any:
+        from pgqueuer import Queries
+
+        async def run() -> Any:
+            driver, close = await _pgqueuer_driver(self.url)
+            try:
+                return await work(Queries(driver))
+            finally:
+                await close()
+
+        return _pgqueuer_run(run())
+
+    def setup(self) -> None:
+        self._with_queries(lambda queries: queries.install())
+
+    def bulk(self, n: int) -> float:
+        """Timed inside the event loop, around `Queries.enqueue` alone."""
+
+        async def work(queries) -> float:
+            await queries.enqueue([self.queue] * 10, [None] * 10, [0] * 10)
+            await queries.clear_queue(self.queue)
+            t = time.perf_counter()
+            await queries.enqueue([self.queue] * n, [None] * n, [0] * n)
+            elapsed = time.perf_counter() - t
+            await queries.clear_queue(self.queue)
+            return _rate(n, elapsed)
+
+        return self._with_queries(work)
+
+    def enqueue(self, n: int) -> None:
+        self._with_queries(lambda queries: queries.enqueue([self.queue] * n, [None] * n, [0] * n))
+
+    def clear(self) -> None:
+        with db.connect(self.url, autocommit=True) as conn:
+            conn.execute("DELETE FROM pgqueuer WHERE entrypoint = %s", (self.queue,))
+
+
+_PEER_CLASSES = {"procrastinate": _Procrastinate, "pgqueuer": _PgQueuer}
+
+
+# --- the API --------------------------------------------------------------------------------------
+
+def run_bench(jobs: int | None = None, processes: Iterable[int] = (1, 2), peers: bool = False,
+              quick: bool = False, progress: Progress | None = None, *, soak_jobs: int | None = None,
+              latency_s: float | None = None, rebuild_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Measure dj on the configured database; returns the document `dj bench --json` prints.
+
+    `jobs` (no-op jobs per drain and bulk enqueue) None means 10,000, or 2,000 with `quick`. `quick` also shrinks the soak (20,000 jobs),
+    the latency run (1 s) and the rebuild (2k questions, 20k answers).
+    """
+    if jobs is None:
+        jobs = QUICK_JOBS if quick else DEFAULT_JOBS
+    if jobs < 1:
+        raise DJError("--jobs must be at least 1")
+    procs = tuple(sorted(set(processes)))
+    if not procs or procs[0] < 1:
+        raise DJError("process counts must be positive")
+    bench = _Bench(
+        db.database_url(), jobs, procs, peers, quick, progress,
+        soak_jobs=soak_jobs if soak_jobs is not None else (QUICK_SOAK_JOBS if quick else SOAK_JOBS),
+        latency_s=latency_s if latency_s is not None else (QUICK_LATENCY_SECONDS if quick else LATENCY_SECONDS),
+        rebuild_size=rebuild_size or (QUICK_REBUILD_SIZE if quick else REBUILD_SIZE),
+    )
+    doc = bench.execute()
+    # The issue's key order first, then the rest.
+    order = ["raw_ceiling_per_s", "enqueue_single_per_s", "insert_single_per_s", "enqueue_bulk_per_s",
+             "drain_per_s", "latency_ms", "soak", "rebuild", "peers", "machine", "config", "notes", "elapsed_s"]
+    return _finite({k: doc[k] for k in order if k in doc} | {k: v for k, v in doc.items() if k not in order})
+
+
+# --- presentation ---------------------------------------------------------------------------------
+
+def _finite(value: Any) -> Any:
+    """The document with NaN and infinity as null, so that it is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _n(value: Any, unit: str = "/s") -> str:
+    return f"{value:,.0f}{unit}" if _num(value) else "n/a"
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if _num(a) and _num(b) and b else None
+
+
+def _pct(value: float | None) -> str:
+    return f"{value:.0%}" if value is not None else "n/a"
+
+
+def _mark(ok: bool | None) -> str:
+    return "" if ok is None else ("[green]met[/green]" if ok else "[red]missed[/red]")
+
+
+def table(doc: dict[str, Any]):
+    """The result as one rich table, with the issue's goals beside the figures."""
+    from rich.table import Table
+
+    m = doc["machine"]
+    c = doc["config"]
+    t = Table("measurement", "result", "goal", "", title="dj bench", caption=(
+        f"{m['cpus_usable']} CPUs (load {m['load_average_1m']:.1f} at start), PostgreSQL {m['postgresql']} "
+        f"({m['server']}), Python {m['python']}. {c['jobs']:,} no-op jobs per drain and bulk enqueue; "
+        f"dj workers with default concurrency, started before the jobs arrive; rebuild on "
+        f"{c['rebuild_processes']} processes; {doc['elapsed_s']:.0f} s in all."))
+    raw = doc["raw_ceiling_per_s"]
+    t.add_row(f"plain-SQL ceiling, batches of {RAW_BATCH}", _n(raw), "", "")
+    drains = doc["drain_per_s"]
+    for p, rate in drains.items():
+        goal, ok = "", None
+        if p == "2":
+            share = _ratio(rate, raw)
+            goal = f">= 12,000/s, >= 50% of ceiling ({_pct(share)})"
+            ok = _num(rate) and rate >= 12_000 and share is not None and share >= 0.5
+        t.add_row(f"drain, {p} process{'es' if p != '1' else ''}", _n(rate), goal, _mark(ok))
+    bulk = doc["enqueue_bulk_per_s"]
+    t.add_row("enqueue_many (bulk)", _n(bulk), ">= 100,000/s", _mark(_num(bulk) and bulk >= 100_000))
+    single, insert = doc["enqueue_single_per_s"], doc["insert_single_per_s"]
+    share = _ratio(single, insert)
+    t.add_row("enqueue, one job per call", _n(single),
+              f">= 80% of bare INSERT ({_pct(share)})", _mark(share is not None and share >= 0.8))
+    t.add_row("bare INSERT per round trip", _n(insert), "", "")
+    lat = doc["latency_ms"]
+    if all(_num(lat.get(k)) for k in ("p50", "p95", "p99")):
+        t.add_row(f"latency p50/p95/p99 at {LATENCY_RATE}/s",
+                  f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} ms", "p50 <= 5 ms, p99 <= 25 ms",
+                  _mark(lat["p50"] <= 5 and lat["p99"] <= 25))
+    s = doc["soak"]
+    ratio = s.get("ratio")
+    t.add_row(f"soak {s['jobs']:,}: first/last {s['round']:,}",
+              f"{_n(s['first_per_s'])} / {_n(s['last_per_s'])}", f">= 90% ({_pct(ratio)})",
+              _mark(ratio is not None and ratio >= 0.9))
+    t.add_row("jobs table before/peak/after",
+              " / ".join(f"{s[k] / 2**20:.1f}" for k in ("table_bytes_before", "table_bytes_peak",
+                                                        "table_bytes_after")) + " MiB", "bounded", "")
+    r = doc["rebuild"]
+    if _num(r.get("serial_s")) and _num(r.get("batched_s")):
+        t.add_row(f"rebuild {r['answers']:,} answers: 1 job / {r['batch']}-id jobs",
+                  f"{r['serial_s']:.2f} s / {r['batched_s']:.2f} s",
+                  f"<= 0.6x ({r['ratio']:.2f}x)", _mark(r["ratio"] <= 0.6))
+    else:
+        t.add_row("counter rebuild", "not measured", "<= 0.6x", "")
+    if "peers" in doc:
+        if not doc["peers"]:
+            t.add_row("peers", "none measured (see the notes)", "", "")
+        for name, peer in doc["peers"].items():
+            for p, rate in peer["drain_per_s"].items():
+                vs = _ratio(drains.get(p), rate)
+                t.add_row(f"{name} {peer['version']}: drain, {p} proc.", _n(rate),
+                          f"dj: {vs:.1f}x" if vs is not None else "", "")
+            vs = _ratio(bulk, peer["enqueue_bulk_per_s"])
+            t.add_row(f"{name} {peer['version']}: bulk enqueue", _n(peer["enqueue_bulk_per_s"]),
+                      f"dj: {vs:.1f}x" if vs is not None else "", "")
+    for note in doc["notes"]:
+        t.add_row("[yellow]note", f"[yellow]{note}", "", "")
+    return t
+
+
+def cli(jobs: int | None, processes: str, peers: bool, quick: bool, as_json: bool, console) -> None:
+    """What `dj bench` does: run with a progress bar on stderr, print the table or the JSON."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+    counts = parse_processes(processes)
+    bar = Bar(TextColumn("{task.description:<60}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+              console=Console(stderr=True), transient=True)
+    with ExitStack() as stack:
+        stack.enter_context(bar)
+        task = bar.add_task("dj bench", total=None)
+
+        def progress(description: str, done: int, total: int) -> None:
+            bar.update(task, description=description, completed=done, total=total)
+
+        doc = run_bench(jobs=jobs, processes=counts, peers=peers, quick=quick, progress=progress)
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        console.print(table(doc))

@@ -1,0 +1,83 @@
+"""`dj bench --quick --json` runs end to end and reports every figure of the performance issue.
+
+No test here asserts a speed: the figures depend on the machine. They only have to be numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import psycopg
+import pytest
+from rich.console import Console
+
+from dj import bench
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO jobs (queue, task) VALUES ('default', 'tests.untouched')")
+
+    result = cli("bench", "--quick", "--json", timeout=240)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)  # exactly one JSON object on stdout; the progress goes to stderr
+
+    for key in ("raw_ceiling_per_s", "enqueue_single_per_s", "insert_single_per_s", "enqueue_bulk_per_s"):
+        assert _number(doc[key]) and doc[key] > 0, key
+    assert set(doc["drain_per_s"]) == {"1", "2"}
+    assert all(_number(v) and v > 0 for v in doc["drain_per_s"].values())
+    for key in ("p50", "p95", "p99"):
+        assert _number(doc["latency_ms"][key]), key
+    assert doc["latency_ms"]["p50"] <= doc["latency_ms"]["p95"] <= doc["latency_ms"]["p99"]
+    for key in ("first_per_s", "last_per_s", "ratio", "table_bytes_before", "table_bytes_after"):
+        assert _number(doc["soak"][key]), key
+    for key in ("serial_s", "batched_s", "ratio"):
+        assert _number(doc["rebuild"][key]), key
+    assert doc["rebuild"]["correct"] is True
+    assert "peers" not in doc  # only with --peers
+    machine = doc["machine"]
+    assert _number(machine["cpu_count"]) and machine["postgresql"] and machine["python"]
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # the user's job is untouched, and nothing of the bench is left behind
+        assert conn.execute("SELECT queue, task FROM jobs").fetchall() == [("default", "tests.untouched")]
+        assert conn.execute("SELECT count(*) FROM job_stats WHERE queue LIKE 'bench-%'").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM workers").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'dj_bench%'").fetchone()[0] == 0
+        # the scratch database of the rebuild is dropped (other sessions may create databases meanwhile)
+        assert conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'dj\\_bench\\_%'").fetchone()[0] == 0
+
+    # the table `dj bench` prints without --json is drawn from the same document
+    console = Console(width=160, record=True, file=io.StringIO())
+    console.print(bench.table(doc))
+    text = console.export_text()
+    assert "drain, 2 processes" in text and "latency p50/p95/p99" in text and "rebuild" in text
+
+
+@pytest.mark.parametrize("text, expected", [("2", (1, 2)), ("3", (1, 2, 3)), ("1,4", (1, 4)), ("2,1", (1, 2))])
+def test_parse_processes(text, expected):
+    assert bench.parse_processes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "x", "1,-2", ""])
+def test_parse_processes_rejects_bad_input(text):
+    with pytest.raises(bench.DJError):
+        bench.parse_processes(text)
+
+
+def test_bad_processes_is_a_one_line_error(cli, db_url):
+    result = cli("bench", "--processes", "zero")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert bench.percentile(values, 50) == 50 and bench.percentile(values, 99) == 99
+    assert bench.percentile([3.0], 99) == 3.0
