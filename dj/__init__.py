@@ -2,6 +2,7 @@
 SELECT ... FOR UPDATE SKIP LOCKED."""
 
 from .admin import status
+from . import batches
 from .batches import batch, current_batch
 from .context import JobContext, current_job
 from .db import connect, database_url, transaction, use_database

@@ -132,7 +132,7 @@ WITH done AS (
     WHERE b.id = n.batch_id
     RETURNING b.*
 ), """ + _ENQUEUE_BATCH_CALLBACKS + """
-SELECT pg_notify('""" + NOTIFY_CHANNEL + """', queue)
+SELECT queue, pg_notify('""" + NOTIFY_CHANNEL + """', queue)
 FROM (SELECT queue FROM callbacks UNION SELECT queue FROM freed) AS wake
 """
 
@@ -162,7 +162,7 @@ WITH failed AS (
     WHERE b.id = n.batch_id
     RETURNING b.*
 ), """ + _ENQUEUE_BATCH_CALLBACKS + """
-SELECT pg_notify('""" + NOTIFY_CHANNEL + """', queue) FROM callbacks
+SELECT queue, pg_notify('""" + NOTIFY_CHANNEL + """', queue) FROM callbacks
 """
 
 # Closing a batch fixes its total. If its jobs have all finished already, this is the statement
@@ -175,7 +175,7 @@ WITH batch_progress AS (
     WHERE b.id = %(id)s
     RETURNING b.*
 ), """ + _ENQUEUE_BATCH_CALLBACKS + """
-SELECT pg_notify('""" + NOTIFY_CHANNEL + """', queue) FROM callbacks
+SELECT queue, pg_notify('""" + NOTIFY_CHANNEL + """', queue) FROM callbacks
 """
 
 OPEN_BATCH = """

@@ -198,24 +198,27 @@ class Worker:
         bad = [o for o in outcomes if o.error is not None]
         try:
             with self._conn.pipeline():
+                woken = []  # queues with new work: batch callbacks, freed slots of limited queues
                 if ok:
-                    self._conn.execute(sql.COMPLETE, {
-                        "ids": [j.id for j in ok], "attempts": [j.attempts for j in ok], "worker": self.name})
+                    woken.append(self._conn.execute(sql.COMPLETE, {
+                        "ids": [j.id for j in ok], "attempts": [j.attempts for j in ok], "worker": self.name}))
                 if bad:
-                    self._conn.execute(sql.FAIL, {
+                    woken.append(self._conn.execute(sql.FAIL, {
                         "ids": [o.job.id for o in bad], "attempts": [o.job.attempts for o in bad],
                         "errors": [o.error[:MAX_ERROR_CHARS] for o in bad],
                         "delays": [retry_delay(o.job.attempts) for o in bad],
-                        "dead": [o.dead for o in bad], "worker": self.name})
+                        "dead": [o.dead for o in bad], "worker": self.name}))
                 cur = self._claim(room) if claim else None
         except BaseException:
             self._results.extendleft(reversed(outcomes))  # record them after reconnecting
             raise
         self._count(outcomes)
+        woke = any(queue in self.queues for c in woken for queue, _ in c.fetchall())
         if cur is None:
+            self._more_ready = self._more_ready or woke
             return 0
         rows = cur.fetchall()
-        self._more_ready = len(rows) == room
+        self._more_ready = len(rows) == room or woke
         rows.sort(key=lambda r: (r[8], r[9], r[0]))
         for row in rows:
             job = Claimed(*row)

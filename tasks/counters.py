@@ -178,7 +178,8 @@ def _check_batch(batch: object) -> None:
         raise dj.DJError("--batch must be a positive integer")
 
 
-@job(name="counters.rebuild")
+# The same table and range enqueued twice while the first is pending is one job, not two.
+@job(name="counters.rebuild", unique=lambda table, first, last: f"{table}:{first}-{last}")
 def rebuild(table: str, first: int, last: int) -> None:
     with dj.connect() as conn:
         rebuild_range(conn, table, first, last)
@@ -192,16 +193,35 @@ def rebuild_all_serial(table: str = "all") -> None:
             rebuild_table(conn, name)
 
 
+@job(name="counters.check_batch")
+def check_after_rebuild(batch: dict) -> None:
+    """The callback of a rebuild batch: check every counter and record the result on the batch."""
+    with dj.connect() as conn:
+        wrong = check(conn, limit=100)
+    dj.batches.record_result(batch["id"], {"correct": not wrong, "mismatches_shown": wrong[:10],
+                                           "jobs_succeeded": batch["succeeded"], "jobs_dead": batch["dead"]})
+
+
+class RebuildPlan(list):
+    """The (table, first, last) ranges that were enqueued, and the dj batch that holds them."""
+
+    batch_id: int | None = None
+
+
 def enqueue_rebuild(
     batch: int, table: str = "all", queue: str = "default", priority: int = 0
-) -> list[tuple[str, int, int]]:
-    """Enqueue one `counters.rebuild` job per `batch` ids of each table; returns the ranges."""
+) -> RebuildPlan:
+    """Enqueue one `counters.rebuild` job per `batch` ids of each table, as one dj batch whose
+    callback runs the counters check; returns the ranges."""
     _check_batch(batch)
     tables = _tables(table)
     with dj.connect() as conn:
-        planned = [(name, first, last) for name in tables for first, last in plan_ranges(conn, name, batch)]
+        planned = RebuildPlan((name, first, last) for name in tables for first, last in plan_ranges(conn, name, batch))
     if planned:
-        rebuild.using(queue=queue, priority=priority).enqueue_many(planned)
+        with dj.batch(on_complete=check_after_rebuild, queue=queue,
+                      description=f"rebuild-counters --batch {batch} --table {table}") as group:
+            rebuild.using(queue=queue, priority=priority).enqueue_many(planned)
+        planned.batch_id = group.id
     return planned
 
 

@@ -232,3 +232,22 @@ def test_a_rebuild_does_not_wait_for_plain_answer_inserts(db_url, conn):
                        " approved_answers_count = approved_answers_count + 1 WHERE id = 2")
         writer.commit()
     assert counters.check(conn) == []
+
+
+def test_enqueueing_the_same_rebuild_twice_while_pending_does_not_double_the_work(conn, run_burst):
+    conn.execute("INSERT INTO questions (title, body) SELECT 'q', 'b' FROM generate_series(1, 25)")
+    first = counters.enqueue_rebuild(10, table="questions")
+    second = counters.enqueue_rebuild(10, table="questions")
+    assert list(first) == list(second) and len(first) == 3
+    assert conn.execute("SELECT count(*) FROM jobs WHERE task = 'counters.rebuild'").fetchone()[0] == 3
+
+
+def test_a_rebuild_batch_ends_with_a_recorded_counters_check(conn, run_burst):
+    conn.execute("INSERT INTO questions (title, body, answers_count) SELECT 'q', 'b', 7 FROM generate_series(1, 25)")
+    plan = counters.enqueue_rebuild(10, table="questions")
+    run_burst()
+    run_burst()  # the callback, enqueued by the last rebuild job
+    total, succeeded, result = conn.execute("SELECT total, succeeded, result FROM batches WHERE id = %s",
+                                            (plan.batch_id,)).fetchone()
+    assert (total, succeeded) == (3, 3)
+    assert result["correct"] is True and result["jobs_succeeded"] == 3
