@@ -36,6 +36,8 @@ queue_app = typer.Typer(help="Pause, resume and limit queues (stored in the data
 batch_app = typer.Typer(help="Batches of jobs with a callback.", no_args_is_help=True)
 app.add_typer(queue_app, name="queue")
 app.add_typer(batch_app, name="batch")
+cron_app = typer.Typer(help="Jobs that workers enqueue on a schedule: @job(cron=...).", no_args_is_help=True)
+app.add_typer(cron_app, name="cron")
 
 out = Console()
 
@@ -391,6 +393,33 @@ def batch_show(batch_id: Annotated[int, typer.Argument(metavar="ID")], database_
               markup=False)
     if row["result"] is not None:
         out.print(f"result: {json.dumps(row['result'])}", markup=False)
+
+
+# --- cron ---------------------------------------------------------------------------------------
+
+@cron_app.command("list")
+def cron_list(database_url: DatabaseUrl = None) -> None:
+    """List the cron jobs: expression (UTC), next run, last tick enqueued and its job."""
+    from . import cron
+
+    task_mod.load_task_modules()
+    conn = _connect(database_url)
+    now = conn.execute("SELECT now()").fetchone()[0]
+    runs = cron.last_runs(conn)
+    scheduled = cron.schedule(now)
+    if not scheduled:
+        out.print("no cron jobs registered (@job(cron=...) in tasks/ or the modules in DJ_TASKS)")
+        return
+    table = Table("name", "expression", "queue", "next run (UTC)", "last tick (UTC)", "last job")
+    for s in scheduled:
+        run = runs.get(s.name, {})
+        last = run.get("last_tick")
+        last_text = "-" if last is None else f"{cron.utc(last):%Y-%m-%d %H:%M:%S}"
+        if last is not None and run.get("last_job_id") is None:
+            last_text += " (first seen)"
+        table.add_row(escape(s.name), escape(s.expr), escape(task_mod.lookup(s.name).options.queue),
+                      f"{s.next_run:%Y-%m-%d %H:%M:%S}", last_text, str(run.get("last_job_id") or "-"))
+    out.print(table)
 
 
 # --- the workload -------------------------------------------------------------------------------

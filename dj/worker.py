@@ -25,7 +25,7 @@ from typing import Any
 
 import psycopg
 
-from . import db, sql
+from . import cron, db, sql
 from .context import JobContext, _set_current
 from .errors import Permanent
 from .task import PRIORITY_MAX, PRIORITY_MIN, load_task_modules, lookup
@@ -348,6 +348,7 @@ class Worker:
                 if time.monotonic() - last_reap > self.lock_timeout / 4:
                     last_reap = time.monotonic()
                     self._reap(conn)
+                cron.fire_due(conn)  # enqueue due cron ticks, each once across all workers
             except psycopg.Error as exc:
                 log.warning("heartbeat failed (%s); retrying", _first_line(exc))
                 if conn is not None:
