@@ -190,6 +190,27 @@ def enqueue_rebuild_counters(
     out.print(summary)
 
 
+@enqueue_app.command("mail")
+def enqueue_mail(
+    email: Annotated[str, typer.Option("--email", help="Recipient address (checked at enqueue).")],
+    thought: Annotated[str, typer.Option("--thought", help="The random thought the email is about.")],
+    queue: Queue = None,
+    priority: Priority = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Enqueue the work-it randomness email (sent over SMTP to DJ_SMTP_URL, default localhost:1025)."""
+    from tasks import mail
+
+    address = mail.validate_address(email)
+    options = {k: v for k, v in (("queue", queue), ("priority", priority)) if v is not None}
+    _connect(database_url).close()
+    try:
+        job_id = mail.enqueue_mail(address, thought, **options)
+    except (TypeError, ValueError) as exc:
+        raise DJError(str(exc)) from None
+    out.print(f"enqueued job {job_id} (mail.send_randomness_email to {escape(address)})")
+
+
 # --- work ---------------------------------------------------------------------------------------
 
 @app.command()

@@ -1,8 +1,8 @@
-"""The workload: a storefront and a Q&A board to seed, and counter caches to rebuild.
+"""The workload: a storefront and a Q&A board to seed, counter caches to rebuild, and work-it's mail job.
 
 Importing this package registers every workload job with dj.
 """
 
-from . import counters, demo, schema, seed
+from . import counters, demo, mail, schema, seed
 
-__all__ = ["counters", "demo", "schema", "seed"]
+__all__ = ["counters", "demo", "mail", "schema", "seed"]
