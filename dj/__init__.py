@@ -7,10 +7,18 @@ from .batches import batch, current_batch
 from .context import JobContext, current_job
 from .db import connect, database_url, transaction, use_database
 from .errors import DatabaseUnavailable, DJError, Permanent, SchemaMissing, WorkFailed
-from .schema import migrate
 from .supervisor import run_workers
 from .task import Task, enqueue, job
 from .worker import Worker
+
+
+
+def migrate(url: str | None = None) -> str:
+    """Bring dj's schema (and the workload's) to the newest revision; idempotent. Returns the head."""
+    from .schema import migrate as upgrade  # Alembic is heavy; only migrate needs it
+
+    return upgrade(url)
+
 
 __all__ = [
     "DJError", "DatabaseUnavailable", "JobContext", "Permanent", "SchemaMissing", "Task", "Worker", "WorkFailed",

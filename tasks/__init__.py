@@ -3,6 +3,6 @@
 Importing this package registers every workload job with dj.
 """
 
-from . import counters, demo, mail, schema, seed
+from . import counters, demo, mail, seed
 
-__all__ = ["counters", "demo", "mail", "schema", "seed"]
+__all__ = ["counters", "demo", "mail", "seed"]

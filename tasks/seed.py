@@ -21,11 +21,14 @@ import threading
 import time
 from collections.abc import Iterable
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import psycopg
-from faker import Faker
 
 import dj
+
+if TYPE_CHECKING:
+    from faker import Faker
 from dj import job
 
 POOL_SIZE = 2000
@@ -56,7 +59,7 @@ class MissingParents(Exception):
     """The parent table is still empty; the job fails so that it is retried later."""
 
 
-def _product_name(fake: Faker) -> str:
+def _product_name(fake: "Faker") -> str:
     return " ".join(fake.random_element(words) for words in (_ADJECTIVES, _MATERIALS, _PRODUCTS))
 
 
@@ -76,7 +79,9 @@ _pools_lock = threading.Lock()
 
 
 @functools.cache
-def _faker() -> Faker:
+def _faker() -> "Faker":
+    from faker import Faker  # slow to import; only the seeding jobs need it
+
     return Faker()
 
 

@@ -21,3 +21,9 @@ def test_demo_refuses_an_unknown_scale(cli):
     result = cli("demo", "--scale", "enormous")
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_demo_knows_every_workload_table():
+    from tasks import demo, schema
+
+    assert set(demo.WORKLOAD_TABLES) == set(schema.TABLES)
