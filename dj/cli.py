@@ -515,6 +515,25 @@ def bench(
     bench_mod.cli(jobs, processes, peers, quick, as_json, out)
 
 
+# --- web ----------------------------------------------------------------------------------------
+
+@app.command()
+def web(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on. Anything but loopback needs "
+                                      "a token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port).")] = 8000,
+    token: Annotated[Optional[str], typer.Option(
+        "--token", envvar="DJ_WEB_TOKEN", show_envvar=True, show_default=False,
+        help="Require this token: 'Authorization: Bearer TOKEN' or the login page. Prefer the "
+        "environment variable: a flag shows in ps.")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Serve the web dashboard (queues, jobs, workers, actions, /metrics) until Ctrl-C."""
+    from .web import serve
+
+    serve(host=host, port=port, token=token, database_url=database_url)
+
+
 def main() -> None:
     # psycopg logs "error ignored terminating <Pipeline>" when a failed enqueue leaves its pipeline;
     # with no handler configured that came out as a second stderr line before our one error line.

@@ -1,0 +1,120 @@
+"""`/metrics`: Prometheus text, read from the database at each scrape.
+
+| metric | type | labels |
+|---|---|---|
+| `dj_jobs` | gauge | queue, state (ready, scheduled, running, dead, retrying) |
+| `dj_queue_oldest_ready_age_seconds` | gauge | queue |
+| `dj_queue_paused` | gauge (1 paused, 0 active) | queue |
+| `dj_jobs_succeeded_total`, `dj_jobs_failed_total` | counter | queue |
+| `dj_workers` | gauge | |
+| `dj_worker_running_jobs`, `dj_worker_heartbeat_age_seconds` | gauge | worker |
+| `dj_database_up` | gauge | |
+
+The totals come from job_stats, which keeps 10-second buckets for a day. So that they never go
+down when old buckets are pruned, this process adds up what it sees: the first scrape counts every
+bucket there is, later scrapes add only what grew since (buckets younger than a minute are
+re-read, older ones are final). They are totals as seen by this `dj web` process, and start over
+with it, which Prometheus treats as a counter reset.
+
+Run-time histograms need the workers to record durations; the dashboard has no way to see them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+from typing import Callable
+
+import psycopg
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from .. import admin
+from ..errors import DJError
+from . import queries
+
+log = logging.getLogger(__name__)
+
+RECENT = timedelta(seconds=60)  # buckets younger than this may still grow
+
+
+class DJCollector(Collector):
+    def __init__(self, connection: Callable):
+        self._connection = connection  # a context manager yielding a psycopg connection
+        self._lock = threading.Lock()
+        self._seen: dict[tuple, tuple[int, int]] = {}
+        self._horizon = None
+        self._totals: dict[str, list[int]] = {}
+
+    def _add_new_stats(self, conn: psycopg.Connection) -> None:
+        now = conn.execute("SELECT now()").fetchone()[0]
+        if self._horizon is None:
+            rows = conn.execute("SELECT bucket, queue, succeeded, failed FROM job_stats").fetchall()
+        else:
+            rows = conn.execute("SELECT bucket, queue, succeeded, failed FROM job_stats WHERE bucket >= %s",
+                                (self._horizon,)).fetchall()
+        for bucket, queue, succeeded, failed in rows:
+            before = self._seen.get((bucket, queue), (0, 0))
+            total = self._totals.setdefault(queue, [0, 0])
+            total[0] += max(succeeded - before[0], 0)
+            total[1] += max(failed - before[1], 0)
+            self._seen[(bucket, queue)] = (succeeded, failed)
+        self._horizon = now - RECENT
+        self._seen = {k: v for k, v in self._seen.items() if k[0] >= self._horizon}
+
+    def collect(self):
+        up = GaugeMetricFamily("dj_database_up", "1 if the last scrape could read dj's database")
+        try:
+            with self._lock, self._connection() as conn:
+                doc = queries.overview(conn)
+                self._add_new_stats(conn)
+                totals = {q: list(v) for q, v in self._totals.items()}
+        except (psycopg.Error, OSError, DJError) as exc:
+            log.warning("metrics: cannot read the database: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+
+        jobs = GaugeMetricFamily("dj_jobs", "Jobs per queue and state; retrying counts ready or scheduled "
+                                 "jobs that failed before", labels=["queue", "state"])
+        oldest = GaugeMetricFamily("dj_queue_oldest_ready_age_seconds",
+                                   "How long the oldest ready job of the queue has waited", labels=["queue"])
+        paused = GaugeMetricFamily("dj_queue_paused", "1 if the queue is paused, else 0", labels=["queue"])
+        for q in doc["queues"]:
+            for state in (*admin.STATES, "retrying"):
+                jobs.add_metric([q["name"], state], q[state])
+            oldest.add_metric([q["name"]], q["oldest_ready_age_s"])
+            paused.add_metric([q["name"]], 1 if q["paused"] else 0)
+        yield jobs
+        yield oldest
+        yield paused
+
+        succeeded = CounterMetricFamily("dj_jobs_succeeded", "Job attempts that succeeded", labels=["queue"])
+        failed = CounterMetricFamily("dj_jobs_failed", "Job attempts that failed (retried or dead)",
+                                     labels=["queue"])
+        for queue, (s, f) in sorted(totals.items()):
+            succeeded.add_metric([queue], s)
+            failed.add_metric([queue], f)
+        yield succeeded
+        yield failed
+
+        workers = GaugeMetricFamily("dj_workers", "Registered worker processes")
+        workers.add_metric([], len(doc["workers"]))
+        yield workers
+        running = GaugeMetricFamily("dj_worker_running_jobs", "Jobs a worker holds", labels=["worker"])
+        age = GaugeMetricFamily("dj_worker_heartbeat_age_seconds", "Seconds since the worker's last heartbeat",
+                                labels=["worker"])
+        for w in doc["workers"]:
+            running.add_metric([w["name"]], w["running"])
+            age.add_metric([w["name"]], w["heartbeat_age_s"])
+        yield running
+        yield age
+
+
+def registry(connection: Callable) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)  # no database read at registration
+    reg.register(DJCollector(connection))
+    return reg
