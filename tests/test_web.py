@@ -403,6 +403,7 @@ def test_metrics(client, conn):
     add_job(conn, "default", state="scheduled")
     add_job(conn, "mail", state="dead", error="x")
     add_job(conn, "mail", state="running")
+    conn.execute("UPDATE jobs SET attempts = 1 WHERE id = %s", (add_job(conn, "mail"),))  # waiting to retry
     conn.execute("UPDATE jobs SET run_at = now() - interval '90 seconds' WHERE id = 1")
     admin.pause_queue(conn, "mail")
     conn.execute("INSERT INTO job_stats (bucket, queue, succeeded, failed) VALUES "
@@ -418,6 +419,7 @@ def test_metrics(client, conn):
     assert metric(text, "dj_jobs", queue="default", state="scheduled") == 1
     assert metric(text, "dj_jobs", queue="mail", state="dead") == 1
     assert metric(text, "dj_jobs", queue="mail", state="running") == 1
+    assert 'state="retrying"' not in text and metric(text, "dj_jobs_retrying", queue="mail") == 1
     assert 89 < metric(text, "dj_queue_oldest_ready_age_seconds", queue="default") < 200
     assert metric(text, "dj_queue_paused", queue="mail") == 1
     assert metric(text, "dj_queue_paused", queue="default") == 0

@@ -2,7 +2,8 @@
 
 | metric | type | labels |
 |---|---|---|
-| `dj_jobs` | gauge | queue, state (ready, scheduled, running, dead, retrying) |
+| `dj_jobs` | gauge | queue, state (ready, scheduled, running, dead: disjoint, so they add up) |
+| `dj_jobs_retrying` | gauge (ready or scheduled jobs that failed before) | queue |
 | `dj_queue_oldest_ready_age_seconds` | gauge | queue |
 | `dj_queue_paused` | gauge (1 paused, 0 active) | queue |
 | `dj_jobs_succeeded_total`, `dj_jobs_failed_total` | counter | queue |
@@ -78,17 +79,21 @@ class DJCollector(Collector):
         up.add_metric([], 1)
         yield up
 
-        jobs = GaugeMetricFamily("dj_jobs", "Jobs per queue and state; retrying counts ready or scheduled "
-                                 "jobs that failed before", labels=["queue", "state"])
+        jobs = GaugeMetricFamily("dj_jobs", "Jobs per queue and state (the states are disjoint)",
+                                 labels=["queue", "state"])
+        retrying = GaugeMetricFamily("dj_jobs_retrying", "Ready or scheduled jobs that failed before",
+                                     labels=["queue"])
         oldest = GaugeMetricFamily("dj_queue_oldest_ready_age_seconds",
                                    "How long the oldest ready job of the queue has waited", labels=["queue"])
         paused = GaugeMetricFamily("dj_queue_paused", "1 if the queue is paused, else 0", labels=["queue"])
         for q in doc["queues"]:
-            for state in (*admin.STATES, "retrying"):
+            for state in admin.STATES:
                 jobs.add_metric([q["name"], state], q[state])
+            retrying.add_metric([q["name"]], q["retrying"])
             oldest.add_metric([q["name"]], q["oldest_ready_age_s"])
             paused.add_metric([q["name"]], 1 if q["paused"] else 0)
         yield jobs
+        yield retrying
         yield oldest
         yield paused
 

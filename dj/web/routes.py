@@ -8,6 +8,7 @@ the chart) by polling fragment URLs. Every action is an ordinary POST form that 
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, unquote, urlencode
@@ -229,6 +230,7 @@ def login(request: Request) -> Response:
     if not request.state.token_required:
         return RedirectResponse(target, 303)
     if not request.app.state.secrets.token_ok(form.get("token", "")):
+        time.sleep(0.3)  # slows down guessing (this runs on a worker thread, not the event loop)
         return _render(request, "login.html", 401, next=target, error="wrong token", title="Log in")
     response = RedirectResponse(target, 303)
     response.set_cookie(SESSION_COOKIE, request.app.state.secrets.new_session(), max_age=SESSION_SECONDS,
