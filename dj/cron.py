@@ -11,7 +11,9 @@ half-way leaves the tick for the next heartbeat.
 Time. Expressions are read by croniter: five fields, an optional sixth for seconds (croniter's
 extension), or `@hourly`, `@daily` and the like. They are evaluated in UTC against the
 database's clock (`now()`), so hosts with skewed clocks agree on what is due. A tick is enqueued
-within one heartbeat interval of its time (5 s by default), with `run_at` set to the tick.
+within one heartbeat interval of its time (5 s by default, a third of the lock timeout if that is
+shorter), with `run_at` set to the tick. Ticks closer together than that interval coalesce, as
+misfires do.
 
 A new cron task starts with its most recent past tick marked as done: its first run is its first
 tick after a worker first sees it, not an immediate catch-up.
@@ -68,6 +70,7 @@ class Fired:
     tick: datetime
     job_id: int
     skipped: int  # missed older ticks that were coalesced into this run (counted up to MAX_COUNTED_SKIPS)
+    previous: datetime  # the tick enqueued before this one (or the one a worker first saw)
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ def fire_due(conn: psycopg.Connection, now: datetime | None = None,
                                 name, _fmt(tick), str(exc).strip().splitlines()[0] if str(exc).strip() else
                                 type(exc).__name__)
                     continue
-                fired.append(Fired(name, tick, job_id, _count_skipped(task.cron, last_tick, tick)))
+                fired.append(Fired(name, tick, job_id, _count_skipped(task.cron, last_tick, tick), last_tick))
     except psycopg.errors.UndefinedTable:
         if not _warned_missing_table:
             _warned_missing_table = True
@@ -171,9 +174,11 @@ def fire_due(conn: psycopg.Connection, now: datetime | None = None,
         return []
     for f in fired:
         if f.skipped:
-            log.warning("cron %s: %s%d missed tick(s) skipped; enqueued only the latest, %s, as job %d",
-                        f.name, "at least " if f.skipped >= MAX_COUNTED_SKIPS else "", f.skipped,
-                        _fmt(f.tick), f.job_id)
+            # Ticks closer together than the heartbeat interval coalesce all the time: not worth a warning.
+            level = logging.WARNING if f.tick - f.previous > timedelta(minutes=1) else logging.INFO
+            log.log(level, "cron %s: %s%d missed tick(s) skipped; enqueued only the latest, %s, as job %d",
+                    f.name, "at least " if f.skipped >= MAX_COUNTED_SKIPS else "", f.skipped,
+                    _fmt(f.tick), f.job_id)
         else:
             log.info("cron %s: enqueued job %d for the tick at %s", f.name, f.job_id, _fmt(f.tick))
     return fired

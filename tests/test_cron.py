@@ -110,7 +110,7 @@ def test_misfires_after_downtime_coalesce_into_the_latest_tick(conn, cron_task, 
     cron.fire_due(conn, T0 + timedelta(seconds=30), [t])
     # No worker ran from T0+30s to T0+7m10s: the ticks T0+1m .. T0+7m were all missed.
     (fired,) = cron.fire_due(conn, T0 + 7 * MIN + timedelta(seconds=10), [t])
-    assert (fired.tick, fired.skipped) == (T0 + 7 * MIN, 6)
+    assert (fired.tick, fired.skipped, fired.previous) == (T0 + 7 * MIN, 6, T0)
     assert [row[2] for row in jobs(conn)] == [T0 + 7 * MIN]  # once, for the most recent tick
     assert "6 missed tick(s) skipped" in caplog.text
     assert cron.fire_due(conn, T0 + 7 * MIN + timedelta(seconds=50), [t]) == []
