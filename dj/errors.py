@@ -9,6 +9,11 @@ class WorkFailed(Exception):
     """The command ran but its work did not succeed. The CLI prints it as one line and exits 1."""
 
 
+class WorkerStuck(WorkFailed):
+    """Every runner thread of a worker is stuck in a job far past its timeout. The worker hands back
+    its other jobs and stops, so that a fresh process (the supervisor starts one) takes over."""
+
+
 class DatabaseUnavailable(DJError):
     pass
 

@@ -199,6 +199,15 @@ FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(started)s::bool[]) AS r(id
 WHERE jobs.id = r.id AND jobs.attempts = r.attempts AND jobs.locked_by = %(worker)s
 """
 
+# After a lost connection a worker cannot tell whether its last claim committed. Rows locked under
+# its name that it does not hold were claimed by a round trip whose answer never arrived: they
+# never started, so they go back with the attempt undone.
+RELEASE_UNKNOWN = """
+UPDATE jobs
+SET locked_by = NULL, locked_at = NULL, attempts = jobs.attempts - 1
+WHERE jobs.locked_by = %(worker)s AND jobs.id <> ALL(%(held)s::bigint[])
+"""
+
 # --- workers -------------------------------------------------------------------------------------
 
 REGISTER_WORKER = """
@@ -225,7 +234,8 @@ UNREGISTER_WORKER = "DELETE FROM workers WHERE name = %s"
 
 # Crash recovery. A job is orphaned when it has been locked longer than the lock timeout and its
 # worker has not heartbeaten within it (or has no row at all). The lost attempt counts, so a job
-# that kills its worker every time ends up dead instead of looping forever.
+# that kills its worker every time ends up dead instead of looping forever. Nobody could heartbeat
+# while the server was down, so for one lock timeout after a restart no worker counts as gone.
 REAP_ORPHANS = """
 UPDATE jobs
 SET locked_by = NULL, locked_at = NULL,
@@ -233,6 +243,7 @@ SET locked_by = NULL, locked_at = NULL,
     failed_at = CASE WHEN jobs.attempts >= jobs.max_attempts THEN now() END
 WHERE jobs.locked_by IS NOT NULL
   AND jobs.locked_at < now() - %(lock_timeout)s * interval '1 second'
+  AND pg_postmaster_start_time() < now() - %(lock_timeout)s * interval '1 second'
   AND NOT EXISTS (
       SELECT 1 FROM workers w
       WHERE w.name = jobs.locked_by

@@ -12,11 +12,13 @@ import time
 from typing import Any
 
 from . import db
+from .errors import WorkerStuck
 from .worker import Worker
 
 log = logging.getLogger("dj.supervisor")
 
 _OPTIONS_ENV = "DJ_WORKER_OPTIONS"
+EXIT_STUCK = 3  # a child whose runner threads were all stuck (WorkerStuck)
 
 
 def run_workers(processes: int = 1, burst: bool = False, stop_with_parent: bool = False,
@@ -43,7 +45,12 @@ def child_main() -> None:
     spec = json.loads(os.environ.pop(_OPTIONS_ENV))
     logging.basicConfig(level=spec["log_level"], stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    Worker(**spec["options"]).run(burst=spec["burst"])
+    try:
+        Worker(**spec["options"]).run(burst=spec["burst"])
+    except WorkerStuck:
+        # Its stuck threads cannot be joined: leave at once, with the code that asks for a replacement.
+        logging.shutdown()
+        os._exit(EXIT_STUCK)
 
 
 class Supervisor:
@@ -132,4 +139,6 @@ def _describe_exit(code: int) -> str:
             return f"signal {signal.Signals(-code).name}"
         except ValueError:
             return f"signal {-code}"
+    if code == EXIT_STUCK:
+        return f"code {code} (all its threads were stuck)"
     return f"code {code}"

@@ -41,6 +41,17 @@ def load_task_modules() -> None:
             raise DJError(f"cannot import task module {module!r} (from DJ_TASKS): {exc}") from exc
 
 
+# Arguments travel in every claim and sit in the hot table: pass references (ids, paths), not data.
+MAX_ARGS_BYTES = 1_000_000
+
+
+def _check_size(args_json: str, kwargs_json: str) -> None:
+    size = len(args_json) + len(kwargs_json)  # json.dumps escapes to ASCII: characters are bytes
+    if size > MAX_ARGS_BYTES:
+        raise ValueError(f"job arguments are {size / 1e6:.1f} MB of JSON; the limit is "
+                         f"{MAX_ARGS_BYTES / 1e6:g} MB: pass a reference (an id, a path) instead")
+
+
 def to_json(value: Any, what: str) -> str:
     try:
         return json.dumps(value, allow_nan=False, separators=(",", ":"))
@@ -102,6 +113,8 @@ class Enqueuer:
         _check_priority(o.priority)
         rows = [(to_json(list(args), "args"), to_json(kwargs, "kwargs"), _key_from_args(o, self.name, args, kwargs))
                 for args, kwargs in calls]
+        for args_json, kwargs_json, _ in rows:
+            _check_size(args_json, kwargs_json)
         if not rows:
             return []
         batch = current_batch()

@@ -9,6 +9,7 @@ Threads of one worker process:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue as queue_mod
@@ -24,11 +25,13 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.types.json import set_json_loads
 
 from . import cron, db, sql
 from .context import JobContext, _set_current
-from .errors import Permanent
-from .task import PRIORITY_MAX, PRIORITY_MIN, load_task_modules, lookup
+from .config import mask_secrets
+from .errors import Permanent, WorkerStuck
+from .task import MAX_ARGS_BYTES, PRIORITY_MAX, PRIORITY_MIN, load_task_modules, lookup
 
 log = logging.getLogger("dj.worker")
 
@@ -40,6 +43,36 @@ def retry_delay(attempts: int) -> float:
     """DelayedJob's backoff, attempts**4 + 5 seconds, plus up to 10% jitter so retries spread out."""
     base = attempts**4 + 5
     return base + random.uniform(0, base * 0.1)
+
+
+def reconnect_delay(failures: int, cap: float = 30.0) -> float:
+    """Capped exponential backoff between reconnection attempts: 0.5 s, 1 s, 2 s ... up to `cap`,
+    each within +-20% so that the workers of a restarted server do not all knock at once."""
+    return min(cap, 0.5 * 2 ** min(failures, 16)) * random.uniform(0.8, 1.2)
+
+
+class _Undecodable:
+    """Stands in for a job's args or kwargs that the worker refuses to decode; the job goes dead."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+# PostgreSQL prints jsonb with a space after each ',' and ':', so a row that passed enqueue's limit
+# can come back up to about twice as long.
+MAX_CLAIMED_ARGS_BYTES = 2 * MAX_ARGS_BYTES
+
+
+def _load_job_json(data: bytes) -> Any:
+    """json.loads for the worker's own connection, which reads jobs' args and kwargs: a row written
+    by hand with enormous or absurdly nested JSON must fail that job, not the claim of a batch."""
+    if len(data) > MAX_CLAIMED_ARGS_BYTES:
+        return _Undecodable(f"arguments too large: {len(data) / 1e6:.1f} MB of JSON; the limit is "
+                            f"{MAX_ARGS_BYTES / 1e6:g} MB")
+    try:
+        return json.loads(data)
+    except (RecursionError, ValueError) as exc:
+        return _Undecodable(f"arguments could not be decoded: {_clip(str(exc), 200)}")
 
 
 @dataclass
@@ -55,6 +88,7 @@ class Claimed:
     priority: int
     run_at: datetime
     started: float | None = field(default=None)
+    finished: bool = field(default=False)
 
 
 @dataclass
@@ -114,11 +148,26 @@ class Worker:
         self.name = name or f"{self.host}:{os.getpid()}"
         self.parent_pid = parent_pid
         self.counts = Counts()
+        # Every connection of the worker gives up on a silent peer (a cut cable, a frozen server)
+        # within about half the lock timeout (2 to 30 s), instead of the kernel's 15 minutes.
+        dead_after = min(30.0, max(2.0, self.lock_timeout / 2))
+        self._tcp_options = {"keepalives": 1, "keepalives_idle": max(1, int(dead_after / 2)),
+                             "keepalives_interval": max(1, int(dead_after / 6)), "keepalives_count": 3,
+                             "tcp_user_timeout": int(dead_after * 1000)}
+        self._connect_timeout = max(2, int(min(dead_after, 10)))
 
         self._held: dict[int, Claimed] = {}
         self._todo: queue_mod.SimpleQueue[Claimed | None] = queue_mod.SimpleQueue()
         self._results: deque[Outcome] = deque()
-        self._abandoned: set[int] = set()
+        # Attempts that timed out while their thread still runs them, by (id, attempts).
+        self._abandoned: dict[tuple[int, int], Claimed] = {}
+        self._abandon_lock = threading.Lock()
+        self._stuck = False
+        # Outages: the first thread whose connection fails logs one line; a connection opened in
+        # an earlier epoch fails silently, since its outage was logged already.
+        self._outage_lock = threading.Lock()
+        self._outage_since: float | None = None
+        self._epoch = 0
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._more_ready = True
@@ -132,7 +181,8 @@ class Worker:
         """Work until stopped (SIGTERM/SIGINT or stop()), or with burst=True until no ready job is left."""
         load_task_modules()
         self._install_signal_handlers()
-        self._conn = db.connect(self.url, autocommit=True)
+        self._conn = db.connect(self.url, autocommit=True, **self._tcp_options)
+        set_json_loads(_load_job_json, self._conn)
         db.ensure_schema(self._conn)
         self._register()
         for i in range(self.concurrency):
@@ -144,6 +194,9 @@ class Worker:
             self._loop(burst)
         finally:
             self._shutdown()
+        if self._stuck:
+            raise WorkerStuck(f"worker {self.name} stopped: all {self.concurrency} runner threads are stuck in "
+                              "jobs far past their timeout")
         return self.counts
 
     def stop(self) -> None:
@@ -154,17 +207,20 @@ class Worker:
     # --- main loop ------------------------------------------------------------------------------
 
     def _loop(self, burst: bool) -> None:
-        backoff = 0.5
+        failures = 0
+        epoch: int | None = self._epoch  # see _lost
         while not self._stopping.is_set():
             try:
                 self._enforce_timeouts()
+                if self._all_stuck():
+                    return
                 claimed = self._cycle()
-                backoff = 0.5
+                failures = 0
             except psycopg.OperationalError as exc:
-                log.warning("database connection lost (%s); reconnecting in %.1fs", _first_line(exc), backoff)
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-                self._reconnect()
+                self._lost(exc, epoch)
+                self._stopping.wait(reconnect_delay(failures))
+                failures += 1
+                epoch = self._reconnect()
                 continue
             if burst and not claimed and not self._held and not self._results and not self._more_ready:
                 return
@@ -240,8 +296,8 @@ class Worker:
                 self.counts.succeeded += 1
             elif o.dead:
                 self.counts.dead += 1
-                log.warning("job %d (%s) is dead after attempt %d: %s", o.job.id, o.job.task, o.job.attempts,
-                            o.error.strip().splitlines()[-1] if o.error.strip() else "")
+                log.warning("job %d (%s) is dead after attempt %d: %s", o.job.id, _clip(o.job.task, 200),
+                            o.job.attempts, _clip(o.error.strip().splitlines()[-1] if o.error.strip() else "", 300))
             else:
                 self.counts.failed += 1
 
@@ -262,6 +318,12 @@ class Worker:
             limit = self._timeout_of(job)
             if limit and job.started is not None:
                 wait = min(wait, max(0.01, job.started + limit - now))
+            elif limit:  # it may start any moment (nothing wakes us then): keep its timeout tight
+                wait = min(wait, max(0.05, limit / 10))
+        for job in list(self._abandoned.values()):  # when they will count as stuck (_all_stuck)
+            stuck_at = job.started + 2 * self._timeout_of(job)
+            if stuck_at > now:
+                wait = min(wait, stuck_at - now + 0.01)
         return wait
 
     # --- running jobs ---------------------------------------------------------------------------
@@ -273,9 +335,10 @@ class Worker:
                 return
             job.started = time.monotonic()
             outcome = self._execute(job)
-            if job.id in self._abandoned:  # timed out: its attempt was already failed
-                self._abandoned.discard(job.id)
-            else:
+            with self._abandon_lock:  # _enforce_timeouts may be failing this attempt right now
+                job.finished = True
+                late = self._abandoned.pop((job.id, job.attempts), None) is not None
+            if not late:  # a timed-out attempt was failed already: its late outcome is dropped
                 self._results.append(outcome)
             # Wake the main loop only when it has something worth a round trip: the buffer needs
             # a refill, or enough outcomes have piled up. Otherwise it flushes within flush_interval.
@@ -286,6 +349,9 @@ class Worker:
         task = lookup(job.task)
         if task is None:
             return Outcome(job, f"unknown task {job.task!r}: no @job with this name is registered", dead=True)
+        for value in (job.args, job.kwargs):
+            if isinstance(value, _Undecodable):
+                return Outcome(job, f"malformed job: {value.reason}", dead=True)
         if not isinstance(job.args, list) or not isinstance(job.kwargs, dict):
             return Outcome(job, "malformed job: args must be a JSON array and kwargs a JSON object", dead=True)
         token = _set_current(JobContext(job.id, job.task, job.queue, job.attempts, self.name))
@@ -306,20 +372,40 @@ class Worker:
         now = time.monotonic()
         for job in list(self._held.values()):
             limit = self._timeout_of(job)
-            if limit and job.started is not None and now - job.started > limit and job.id not in self._abandoned:
-                self._abandoned.add(job.id)
+            if limit and job.started is not None and now - job.started > limit:
+                with self._abandon_lock:
+                    if job.finished or (job.id, job.attempts) in self._abandoned:
+                        continue
+                    self._abandoned[(job.id, job.attempts)] = job
                 self._results.append(Outcome(job, f"timed out after {limit:g} s",
                                              dead=job.attempts >= job.max_attempts))
+
+    def _all_stuck(self) -> bool:
+        """Whether every runner thread is stuck: still inside a job past twice its timeout. Python
+        cannot stop a thread, so the worker then stops instead (run() raises WorkerStuck once the
+        other jobs are handed back) and its supervisor starts a fresh process."""
+        if len(self._abandoned) < self.concurrency:
+            return False
+        now = time.monotonic()
+        stuck = [j for j in list(self._abandoned.values()) if now - j.started > 2 * self._timeout_of(j)]
+        if len(stuck) < self.concurrency:
+            return False
+        log.error("all %d runner threads are stuck in jobs far past their timeout (%s); handing back the other "
+                  "jobs and stopping, so that a fresh worker takes over", self.concurrency,
+                  ", ".join(f"job {j.id} {_clip(j.task, 100)}" for j in stuck[:5]))
+        self._stuck = True
+        return True
 
     # --- background threads ---------------------------------------------------------------------
 
     def _listen(self) -> None:
-        backoff = 0.5
+        failures = 0
         while not self._stopping.is_set():
+            epoch = self._epoch
             try:
-                with psycopg.connect(self.url, autocommit=True) as conn:
+                with self._connect() as conn:
                     conn.execute("LISTEN " + sql.NOTIFY_CHANNEL)
-                    backoff = 0.5
+                    epoch, failures = self._back(epoch), 0
                     self._more_ready = True  # we may have missed notifications while away
                     self._wake.set()
                     while not self._stopping.is_set():
@@ -327,30 +413,43 @@ class Worker:
                             if note.payload in self.queues:
                                 self._more_ready = True
                                 self._wake.set()
-            except psycopg.Error:
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+            except psycopg.Error as exc:
+                self._lost(exc, epoch)
+                self._stopping.wait(reconnect_delay(failures))
+                failures += 1
 
     def _heartbeat(self) -> None:
         conn: psycopg.Connection | None = None
+        epoch: int | None = None
+        failures = 0
         last_reap = 0.0
-        while not self._stopping.wait(self.heartbeat_interval if conn else 1.0):
+        # While disconnected, retry with backoff, but at least once per heartbeat interval: the
+        # heartbeat is what keeps our jobs from being handed to other workers.
+        while not self._stopping.wait(self.heartbeat_interval if conn else
+                                      min(self.heartbeat_interval, reconnect_delay(failures))):
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("supervisor %d is gone; stopping", self.parent_pid)
                 self.stop()
                 return
+            since = self._epoch
             try:
                 if conn is None or conn.closed:
-                    conn = psycopg.connect(self.url, autocommit=True)
+                    epoch = since
+                    conn = self._connect()
                 running = sum(1 for j in list(self._held.values()) if j.started is not None)
                 if conn.execute(sql.HEARTBEAT, (running, self.name)).rowcount == 0:
                     self._register(conn)  # our row was removed while we were away
+                epoch, failures = self._back(since), 0
                 if time.monotonic() - last_reap > self.lock_timeout / 4:
                     last_reap = time.monotonic()
                     self._reap(conn)
                 cron.fire_due(conn)  # enqueue due cron ticks, each once across all workers
             except psycopg.Error as exc:
-                log.warning("heartbeat failed (%s); retrying", _first_line(exc))
+                if isinstance(exc, psycopg.OperationalError):
+                    self._lost(exc, epoch)
+                    failures += 1
+                else:
+                    log.warning("heartbeat failed (%s); retrying", _first_line(exc))
                 if conn is not None:
                     conn.close()
                 conn = None
@@ -374,14 +473,54 @@ class Worker:
         if conn is self._conn:
             conn.execute(sql.CLEAR_OWN_LOCKS, (self.name,))
 
-    def _reconnect(self) -> None:
+    def _reconnect(self) -> int | None:
+        """Replace the main connection; returns its epoch (see _lost), None if the database is still
+        out of reach."""
         if self._conn is not None:
             self._conn.close()
+        self._conn = _ClosedConnection()
+        since, conn = self._epoch, None
         try:
-            self._conn = psycopg.connect(self.url, autocommit=True)
-            log.info("database connection restored")
-        except psycopg.OperationalError:
-            self._conn = _ClosedConnection()
+            conn = self._connect()
+            set_json_loads(_load_job_json, conn)
+            # The answer to our last claim may have been lost with the connection.
+            conn.execute(sql.RELEASE_UNKNOWN, {"worker": self.name, "held": list(self._held)})
+        except psycopg.OperationalError as exc:
+            if conn is not None:
+                conn.close()
+            self._lost(exc, since)
+            return None
+        self._conn = conn
+        return self._back(since)
+
+    def _connect(self) -> psycopg.Connection:
+        return psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout,
+                               **self._tcp_options)
+
+    def _lost(self, exc: BaseException, epoch: int | None) -> None:
+        """A database call failed on a connection that last worked in `epoch` (None: a stand-in
+        for a connection that could not be opened). The first failure of an outage logs one line;
+        the failures of older connections and every retry stay quiet, so an outage is one line, not
+        a stream of them. The epoch moves on when an outage starts and when it ends."""
+        with self._outage_lock:
+            if self._outage_since is None and epoch == self._epoch:
+                self._outage_since = time.monotonic()
+                self._epoch += 1
+                log.warning("database connection lost (%s); reconnecting with backoff",
+                            _clip(mask_secrets(_first_line(exc), self.url), 300))
+            else:
+                log.debug("database still out of reach (%s)", _clip(mask_secrets(_first_line(exc), self.url), 300))
+
+    def _back(self, since: int) -> int:
+        """A call that began in epoch `since` worked: if an outage was noticed before it began, the
+        outage is over (logged once). Returns the epoch the connection now belongs to."""
+        with self._outage_lock:
+            if self._outage_since is not None and since == self._epoch:
+                log.info("database connection restored after %.1fs", time.monotonic() - self._outage_since)
+                self._outage_since = None
+                self._epoch += 1
+                return self._epoch
+            return since
 
     def _spawn(self, target, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -489,10 +628,16 @@ def _describe(exc: BaseException) -> str:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     except BaseException:  # noqa: BLE001 - a hostile __str__ or __repr__
         text = f"{type(exc).__name__} (its message could not be formatted)"
-    text = text.replace("\x00", "\\0")  # PostgreSQL text cannot hold NUL
     if len(text) > MAX_ERROR_CHARS:
         text = text[: MAX_ERROR_CHARS // 2] + "\n...[truncated]...\n" + text[-MAX_ERROR_CHARS // 2:]
-    return text
+    text = text.replace("\x00", "\\0")  # PostgreSQL text cannot hold NUL
+    # nor lone surrogates, which would fail the whole batch's round trip (UnicodeEncodeError)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _clip(text: str, limit: int) -> str:
+    """At most `limit` characters of text that may come from a job or the database, for a log line."""
+    return text if len(text) <= limit else text[:limit] + f"...[{len(text) - limit} more]"
 
 
 def _first_line(exc: BaseException) -> str:

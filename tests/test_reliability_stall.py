@@ -1,0 +1,64 @@
+"""Stall: a worker frozen with SIGSTOP past the lock timeout loses its jobs to another worker, and
+what it does when it wakes up changes nothing (completions are fenced on id, attempt and worker)."""
+
+import os
+import signal
+import socket
+
+from tests.conftest import wait_for
+from tests.support_reliability import RELIABILITY_ENV, gated, open_gate
+
+
+def starts(conn):
+    return {(m.removesuffix(":start"), a, p) for m, a, p in
+            conn.execute("SELECT marker, attempt, pid FROM test_runs WHERE marker LIKE '%:start'")}
+
+
+def row(conn, job_id):
+    return conn.execute("SELECT attempts, locked_by, last_error, run_at, failed_at FROM jobs WHERE id = %s",
+                        (job_id,)).fetchone()
+
+
+def stats(conn):
+    return conn.execute("SELECT coalesce(sum(succeeded), 0), coalesce(sum(failed), 0) FROM job_stats").fetchone()
+
+
+def test_a_stalled_workers_late_success_and_failure_change_nothing(conn, worker_process, tmp_path):
+    gate = str(tmp_path)
+    # x: attempt 1 (worker A) succeeds late, while attempt 2 (worker B) still runs.
+    # y: attempt 2 (worker B) fails at once; then attempt 1 (worker A) fails late.
+    x = gated.enqueue("x", gate)
+    y = gated.enqueue("y", gate, [1, 2])
+    open_gate(gate, "y", 2)
+
+    a = worker_process("--lock-timeout", "2", "--concurrency", "2", env=RELIABILITY_ENV)
+    wait_for(lambda: starts(conn) == {("x", 1, a.pid), ("y", 1, a.pid)}, message="A to start both jobs")
+    os.kill(a.pid, signal.SIGSTOP)  # its heartbeat thread freezes too
+    try:
+        b = worker_process("--lock-timeout", "2", "--concurrency", "2", env=RELIABILITY_ENV)
+        b_name = f"{socket.gethostname()}:{b.pid}"
+        wait_for(lambda: (row(conn, x)[:2] == (2, b_name) and row(conn, y)[:2] == (2, None)
+                          and "y failed in attempt 2" in (row(conn, y)[2] or "")),
+                 timeout=30, message="B to reclaim both jobs, fail y and keep running x")
+        assert {("x", 2, b.pid), ("y", 2, b.pid)} <= starts(conn)
+        x_before, y_before = row(conn, x), row(conn, y)
+        assert stats(conn) == (0, 1)
+        open_gate(gate, "x", 1)
+        open_gate(gate, "y", 1)
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+
+    # A wakes up and finishes both attempts; on SIGTERM it records every outcome before it exits.
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(30) == 0, a.log()
+    assert "1 succeeded, 1 failed, 0 dead" in a.log(), "A did send its late outcomes"
+
+    assert row(conn, x) == x_before, "A's late success did not delete B's claim"
+    assert row(conn, y) == y_before, "A's late failure overwrote nothing and counted no attempt"
+    assert stats(conn) == (0, 1), "A's late outcomes were not counted"
+
+    open_gate(gate, "x", 2)
+    wait_for(lambda: row(conn, x) is None, message="B to finish x")
+    assert stats(conn) == (1, 1)
+    assert sorted((m, at) for m, at, _ in starts(conn)) == [("x", 1), ("x", 2), ("y", 1), ("y", 2)]
+    assert b.poll() is None
