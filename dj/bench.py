@@ -182,7 +182,7 @@ class _WorkerPool:
                         raise DJError(f"bench workers did not start within 120 s; see {self.log.name}")
                     time.sleep(0.05)
         except BaseException:
-            self.__exit__()
+            self.__exit__(*sys.exc_info())
             raise
         time.sleep(0.3)  # the listener connects and LISTENs just after the worker registers
         return self
@@ -423,6 +423,11 @@ class _Bench:
         values = sorted((started - sent[job_id]) * 1000 for job_id, started in rows if job_id in sent)
         if len(values) < count:
             self.notes.append(f"latency: only {len(values)} of {count} stamped jobs were recorded")
+        stragglers = sum(1 for v in values if v > 1000)
+        if stragglers:
+            self.notes.append(f"latency: {stragglers} of {len(values)} jobs started more than 1 s after their"
+                              f" enqueue (worst {values[-1] / 1000:.1f} s): a NOTIFY that did not wake the"
+                              " worker, so only its poll found the job")
         return {"p50": percentile(values, 50), "p95": percentile(values, 95), "p99": percentile(values, 99),
                 "max": values[-1] if values else math.nan, "mean": sum(values) / len(values) if values else math.nan,
                 "samples": len(values)}
