@@ -431,7 +431,11 @@ def cron_list(database_url: DatabaseUrl = None) -> None:
     if not scheduled:
         out.print("no cron jobs registered (@job(cron=...) in tasks/ or the modules in DJ_TASKS)")
         return
-    table = Table("name", "expression", "queue", "next run (UTC)", "last tick (UTC)", "last job")
+    table = Table(title="cron jobs (times in UTC)")
+    for heading in ("name", "expression", "queue"):
+        table.add_column(heading, overflow="fold")  # never cut a name short
+    for heading in ("next run", "last tick", "last job"):
+        table.add_column(heading)
     for s in scheduled:
         run = runs.get(s.name, {})
         last = run.get("last_tick")
