@@ -188,6 +188,8 @@ def enqueue_rebuild_counters(
                                                               if len(spans) > 3 else "")
         summary.add_row(name, str(len(spans)), shown)
     out.print(summary)
+    out.print(f"batch {ranges.batch_id}: when the last job finishes, a callback checks every counter "
+              f"(see 'dj batch show {ranges.batch_id}')")
 
 
 @enqueue_app.command("mail")

@@ -13,6 +13,7 @@ from . import config, embedded
 from .errors import DatabaseUnavailable, SchemaMissing
 
 _override: str | None = None
+_embedded_url: str | None = None
 _pools: dict[str, ConnectionPool] = {}
 _pools_lock = threading.Lock()
 
@@ -25,7 +26,15 @@ def use_database(url: str | None) -> None:
 
 def database_url() -> str:
     """The flag, else DJ_DATABASE_URL, else the embedded server (started if needed)."""
-    return _override or config.configured_url() or embedded.start()
+    global _embedded_url
+    explicit = _override or config.configured_url()
+    if explicit:
+        return explicit
+    # Starting (or finding) the embedded server takes a file lock and a look at its data
+    # directory; once per process is enough.
+    if _embedded_url is None:
+        _embedded_url = embedded.start()
+    return _embedded_url
 
 
 def connect(url: str | None = None, *, autocommit: bool = False, **kwargs) -> psycopg.Connection:
@@ -47,8 +56,10 @@ def pool(url: str | None = None) -> ConnectionPool:
         p = _pools.get(url)
         if p is None:
             connect(url).close()  # fail fast with a clear error instead of a pool timeout
+            # Autocommit: an enqueue is one pipelined round trip with no BEGIN/COMMIT around it;
+            # transaction() opens a real transaction block itself.
             p = ConnectionPool(url, min_size=1, max_size=10, open=False, name="dj",
-                               kwargs={"autocommit": False})
+                               kwargs={"autocommit": True})
             p.open(wait=False)
             _pools[url] = p
         return p
@@ -60,7 +71,7 @@ def transaction(url: str | None = None) -> Iterator[psycopg.Connection]:
 
     Jobs use this for their own queries; it saves a connection set-up per job.
     """
-    with pool(url).connection() as conn:
+    with pool(url).connection() as conn, conn.transaction():
         yield conn
 
 

@@ -4,6 +4,9 @@ The statements are written out in full so the whole protocol can be read in one 
 prepares each of them after a few executions, and every one that touches many jobs takes arrays,
 so a batch of N jobs costs one round trip.
 
+Rows are always found through the primary key (`id = ANY(...)`): joining a few hundred ids
+against the table otherwise tempts the planner into a sequential scan of the whole backlog.
+
 Fencing: a worker names itself in `locked_by`, and each claim bumps `attempts`. Every statement
 that ends an attempt matches on (id, attempts, locked_by), so a worker that stalled and lost its
 claim changes nothing when it wakes up: the row is either gone, unlocked, or locked by someone else
@@ -84,8 +87,7 @@ WITH open_queues AS (
 )
 UPDATE jobs
 SET locked_by = %(worker)s, locked_at = now(), attempts = jobs.attempts + 1
-FROM picked
-WHERE jobs.id = picked.id
+WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING jobs.id, jobs.task, jobs.args, jobs.kwargs, jobs.attempts, jobs.max_attempts,
           jobs.timeout, jobs.queue, jobs.priority, jobs.run_at
 """
@@ -113,7 +115,8 @@ COMPLETE = """
 WITH done AS (
     DELETE FROM jobs
     USING unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS d(id, attempts)
-    WHERE jobs.id = d.id AND jobs.attempts = d.attempts AND jobs.locked_by = %(worker)s
+    WHERE jobs.id = ANY(%(ids)s::bigint[])
+      AND jobs.id = d.id AND jobs.attempts = d.attempts AND jobs.locked_by = %(worker)s
     RETURNING jobs.queue, jobs.batch_id
 ), freed AS (
     -- A finished job frees a slot of a limited queue: wake the workers that may be waiting for it.
@@ -146,7 +149,8 @@ WITH failed AS (
         failed_at = CASE WHEN f.dead THEN now() END
     FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(errors)s::text[], %(delays)s::float8[],
                 %(dead)s::bool[]) AS f(id, attempts, error, delay, dead)
-    WHERE jobs.id = f.id AND jobs.attempts = f.attempts AND jobs.locked_by = %(worker)s
+    WHERE jobs.id = ANY(%(ids)s::bigint[])
+      AND jobs.id = f.id AND jobs.attempts = f.attempts AND jobs.locked_by = %(worker)s
     RETURNING jobs.queue, jobs.batch_id, f.dead
 ), stats AS (
     INSERT INTO job_stats AS s (bucket, queue, failed)
@@ -196,7 +200,8 @@ UPDATE jobs
 SET locked_by = NULL, locked_at = NULL,
     attempts = jobs.attempts - CASE WHEN r.started THEN 0 ELSE 1 END
 FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(started)s::bool[]) AS r(id, attempts, started)
-WHERE jobs.id = r.id AND jobs.attempts = r.attempts AND jobs.locked_by = %(worker)s
+WHERE jobs.id = ANY(%(ids)s::bigint[])
+  AND jobs.id = r.id AND jobs.attempts = r.attempts AND jobs.locked_by = %(worker)s
 """
 
 # After a lost connection a worker cannot tell whether its last claim committed. Rows locked under

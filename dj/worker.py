@@ -36,6 +36,8 @@ from .task import MAX_ARGS_BYTES, PRIORITY_MAX, PRIORITY_MIN, load_task_modules,
 log = logging.getLogger("dj.worker")
 
 MAX_ERROR_CHARS = 20_000
+BUFFER_SECONDS = 0.02
+MAX_PREFETCH_PER_THREAD = 64
 DEFAULT_LOCK_TIMEOUT = 300.0
 
 
@@ -133,12 +135,14 @@ class Worker:
             raise ValueError("min_priority is greater than max_priority")
         self.url = database_url or db.database_url()
         self.poll_interval = poll_interval
-        # Claimed jobs waiting locally for a free thread, so that one claim round trip serves many
-        # jobs. Unstarted jobs are handed back on shutdown.
+        # Jobs claimed ahead of free threads, so that one claim round trip serves many jobs. By
+        # default the buffer adapts to how long jobs take: about BUFFER_SECONDS of work, at least
+        # one job per thread, so quick jobs are claimed hundreds at a time while slow ones are
+        # never hoarded away from other workers. Unstarted jobs are handed back on shutdown.
+        self.fixed_prefetch = prefetch
+        self._avg_runtime = 0.05
         self.capacity = concurrency + (concurrency if prefetch is None else prefetch)
-        self.claim_at = max(1, self.capacity // 2)
         self.refill_at = max(1, concurrency // 2)
-        self.flush_at = max(1, self.capacity // 2)
         self.flush_interval = 0.005
         self.lock_timeout = float(lock_timeout or os.environ.get("DJ_LOCK_TIMEOUT") or DEFAULT_LOCK_TIMEOUT)
         self.heartbeat_interval = min(heartbeat_interval, self.lock_timeout / 3)
@@ -224,12 +228,17 @@ class Worker:
                 continue
             if burst and not claimed and not self._held and not self._results and not self._more_ready:
                 return
-            if claimed and self._more_ready and self._room() >= self.claim_at:
+            if claimed and self._more_ready and self._room() >= self.capacity // 2:
                 continue
             self._wake.wait(self._next_wait())
             if not self._wake.is_set() and not self._results:
                 self._more_ready = True  # the poll interval ran out: look again even without NOTIFY
             self._wake.clear()
+
+    def _resize_buffer(self) -> None:
+        if self.fixed_prefetch is None:
+            per_thread = min(MAX_PREFETCH_PER_THREAD, max(1, int(BUFFER_SECONDS / max(self._avg_runtime, 1e-6))))
+            self.capacity = self.concurrency * (1 + per_thread)
 
     def _room(self) -> int:
         # A timed-out job's thread stays busy until the function returns, so it still takes a slot.
@@ -243,11 +252,16 @@ class Worker:
         outcomes: list[Outcome] = []
         while self._results:
             outcomes.append(self._results.popleft())
+        self._resize_buffer()
         room = self._room() + len(outcomes)
         idle = self.concurrency - (self.capacity - room)
         # Claim when a thread is idle or the buffer has drained to the refill mark. Claiming one
         # job each time one finishes would cost a round trip per job.
-        claim = self._more_ready and room > 0 and (idle > 0 or room >= self.claim_at)
+        claim = self._more_ready and room > 0 and (idle > 0 or room >= self.capacity // 2)
+        if claim:
+            # Cleared before the round trip: a NOTIFY that arrives meanwhile sets it again and is
+            # not lost when the claim's answer comes back.
+            self._more_ready = False
         if not outcomes and not claim:
             return 0
         ok = [o.job for o in outcomes if o.error is None]
@@ -274,7 +288,8 @@ class Worker:
             self._more_ready = self._more_ready or woke
             return 0
         rows = cur.fetchall()
-        self._more_ready = len(rows) == room or woke
+        if len(rows) == room or woke:
+            self._more_ready = True
         rows.sort(key=lambda r: (r[8], r[9], r[0]))
         for row in rows:
             job = Claimed(*row)
@@ -335,6 +350,8 @@ class Worker:
                 return
             job.started = time.monotonic()
             outcome = self._execute(job)
+            # A moving average is enough to size the buffer; races between threads only blur it.
+            self._avg_runtime += 0.05 * (time.monotonic() - job.started - self._avg_runtime)
             with self._abandon_lock:  # _enforce_timeouts may be failing this attempt right now
                 job.finished = True
                 late = self._abandoned.pop((job.id, job.attempts), None) is not None
@@ -342,7 +359,7 @@ class Worker:
                 self._results.append(outcome)
             # Wake the main loop only when it has something worth a round trip: the buffer needs
             # a refill, or enough outcomes have piled up. Otherwise it flushes within flush_interval.
-            if self._todo.qsize() < self.refill_at or len(self._results) >= self.flush_at:
+            if self._todo.qsize() < self.refill_at or len(self._results) >= self.capacity // 2:
                 self._wake.set()
 
     def _execute(self, job: Claimed) -> Outcome:

@@ -181,14 +181,14 @@ def _check_batch(batch: object) -> None:
 # The same table and range enqueued twice while the first is pending is one job, not two.
 @job(name="counters.rebuild", unique=lambda table, first, last: f"{table}:{first}-{last}")
 def rebuild(table: str, first: int, last: int) -> None:
-    with dj.connect() as conn:
+    with dj.transaction() as conn:
         rebuild_range(conn, table, first, last)
 
 
 @job(name="counters.rebuild_all")
 def rebuild_all_serial(table: str = "all") -> None:
     """Rebuild whole tables, one statement per table, in a single job."""
-    with dj.connect() as conn:
+    with dj.transaction() as conn:
         for name in _tables(table):
             rebuild_table(conn, name)
 
@@ -196,7 +196,7 @@ def rebuild_all_serial(table: str = "all") -> None:
 @job(name="counters.check_batch")
 def check_after_rebuild(batch: dict) -> None:
     """The callback of a rebuild batch: check every counter and record the result on the batch."""
-    with dj.connect() as conn:
+    with dj.transaction() as conn:
         wrong = check(conn, limit=100)
     dj.batches.record_result(batch["id"], {"correct": not wrong, "mismatches_shown": wrong[:10],
                                            "jobs_succeeded": batch["succeeded"], "jobs_dead": batch["dead"]})
