@@ -205,3 +205,10 @@ def running_progress(conn: psycopg.Connection) -> list[dict[str, Any]]:
             "SELECT id, queue, task, locked_by, (progress->>'fraction')::float8 AS fraction,"
             " progress->>'message' AS message FROM jobs"
             " WHERE locked_by IS NOT NULL AND failed_at IS NULL AND progress IS NOT NULL ORDER BY id").fetchall()
+
+
+def pending(conn: psycopg.Connection, queues: list[str]) -> int:
+    """Jobs in `queues` that a burst worker still has to run: ready or running."""
+    return conn.execute(
+        f"SELECT count(*) FROM jobs WHERE queue = ANY(%s) AND ({STATE_SQL['ready']} OR {STATE_SQL['running']})",
+        (queues,)).fetchone()[0]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Optional
@@ -17,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import admin, db, embedded, schema, task as task_mod
+from . import admin, db, embedded, logs, task as task_mod
 from .errors import DJError, WorkFailed
 from .supervisor import run_workers
 
@@ -95,6 +97,8 @@ def parse_time(text: str) -> datetime:
 def migrate(database_url: DatabaseUrl = None) -> None:
     """Create or upgrade dj's schema (alembic upgrade head). Safe to run again."""
     _use(database_url)
+    from . import schema  # Alembic is heavy; only this command needs it
+
     head = schema.migrate()
     out.print(f"schema is at {head}")
 
@@ -237,7 +241,9 @@ def work(
         "--default-timeout", help="Seconds a job may run when its task sets no timeout.")] = None,
     poll_interval: Annotated[float, typer.Option("--poll-interval", help="Seconds between polls when idle "
                                                  "(NOTIFY wakes workers sooner).")] = 5.0,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every job.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every job's start and end.")] = False,
+    log_format: Annotated[str, typer.Option("--log-format", help="text, or json: one object per event "
+                                            "(job started/succeeded/failed/dead with duration).")] = "text",
     database_url: DatabaseUrl = None,
 ) -> None:
     """Run workers until SIGTERM/SIGINT (or, with --burst, until the queues are drained)."""
@@ -250,15 +256,54 @@ def work(
                         ("--poll-interval", poll_interval)):
         if value is not None and value <= 0:
             raise DJError(f"{flag} must be positive")
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    if log_format not in ("text", "json"):
+        raise DJError("--log-format must be text or json")
+    logs.configure(logging.DEBUG if verbose else logging.INFO, log_format)
     task_mod.load_task_modules()
     _connect(database_url).close()
-    code = run_workers(processes=processes, burst=burst, queues=names, concurrency=concurrency, prefetch=prefetch,
-                       min_priority=min_priority, max_priority=max_priority, lock_timeout=lock_timeout,
-                       shutdown_timeout=shutdown_timeout, default_timeout=default_timeout,
-                       poll_interval=poll_interval, database_url=db.database_url())
+    show_progress = burst and sys.stdout.isatty()
+    with _BurstProgress(names) if show_progress else contextlib.nullcontext():
+        code = run_workers(processes=processes, burst=burst, queues=names, concurrency=concurrency, prefetch=prefetch,
+                           min_priority=min_priority, max_priority=max_priority, lock_timeout=lock_timeout,
+                           shutdown_timeout=shutdown_timeout, default_timeout=default_timeout,
+                           poll_interval=poll_interval, database_url=db.database_url(),
+                           log_jobs=verbose or log_format == "json")
     raise typer.Exit(code)
+
+
+class _BurstProgress:
+    """A progress bar of the jobs left in the worker's queues, while `dj work --burst` drains them."""
+
+    def __init__(self, queues: list[str]):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.queues = queues
+        self.conn = db.connect(autocommit=True)
+        self.progress = Progress(TextColumn("draining {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=out, transient=False)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        first = admin.pending(self.conn, self.queues)
+        bar = self.progress.add_task(",".join(self.queues), total=max(first, 1))
+        while True:
+            stopping = self.stop.wait(0.5)
+            left = admin.pending(self.conn, self.queues)
+            self.progress.update(bar, completed=max(0, first - left), total=max(first, 1))
+            if stopping:
+                return
+
+    def __enter__(self) -> "_BurstProgress":
+        self.progress.start()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.progress.stop()
+        self.conn.close()
 
 
 # --- status and jobs ----------------------------------------------------------------------------

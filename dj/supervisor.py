@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from . import db
+from . import db, logs
 from .errors import WorkerStuck
 from .worker import Worker
 
@@ -43,8 +43,7 @@ def run_workers(processes: int = 1, burst: bool = False, stop_with_parent: bool 
 def child_main() -> None:
     """Entry point of a supervised worker process; its options arrive as JSON in the environment."""
     spec = json.loads(os.environ.pop(_OPTIONS_ENV))
-    logging.basicConfig(level=spec["log_level"], stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logs.configure(spec["log_level"], spec["log_format"])
     try:
         Worker(**spec["options"]).run(burst=spec["burst"])
     except WorkerStuck:
@@ -65,7 +64,8 @@ class Supervisor:
         self.burst = burst
         # Each child watches the supervisor, whatever parent the supervisor itself watches.
         self.spec = json.dumps({"options": dict(worker_options, parent_pid=os.getpid()), "burst": burst,
-                                "log_level": logging.getLogger("dj").getEffectiveLevel()})
+                                "log_level": logging.getLogger("dj").getEffectiveLevel(),
+                                "log_format": logs.current_format()})
         self.children: list[subprocess.Popen] = []
         self.started_at: dict[int, float] = {}
         self.stopping = False
@@ -78,7 +78,7 @@ class Supervisor:
             for _ in range(self.processes):
                 self.children.append(self._start())
             parent = os.getppid()
-            while any(self._tend(i) for i in range(len(self.children))):
+            while any([self._tend(i) for i in range(len(self.children))]):  # a list: tend every child
                 if self.stop_with_parent and os.getppid() != parent and not self.stopping:
                     log.warning("parent process %d is gone; stopping the workers", parent)
                     self._stop_children()

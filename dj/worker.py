@@ -124,6 +124,8 @@ class Worker:
         default_timeout: float | None = None,
         name: str | None = None,
         parent_pid: int | None = None,
+        log_jobs: bool = False,
+        summary_interval: float = 30.0,
     ):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -133,6 +135,10 @@ class Worker:
         self.max_priority = PRIORITY_MAX if max_priority is None else max_priority
         if self.min_priority > self.max_priority:
             raise ValueError("min_priority is greater than max_priority")
+        self.log_jobs = log_jobs
+        self.summary_interval = summary_interval
+        self._summary_at = time.monotonic() + summary_interval
+        self._summarised = Counts()
         self.url = database_url or db.database_url()
         self.poll_interval = poll_interval
         # Jobs claimed ahead of free threads, so that one claim round trip serves many jobs. By
@@ -219,6 +225,7 @@ class Worker:
                 if self._all_stuck():
                     return
                 claimed = self._cycle()
+                self._maybe_summarise()
                 failures = 0
             except psycopg.OperationalError as exc:
                 self._lost(exc, epoch)
@@ -234,6 +241,40 @@ class Worker:
             if not self._wake.is_set() and not self._results:
                 self._more_ready = True  # the poll interval ran out: look again even without NOTIFY
             self._wake.clear()
+
+    def _maybe_summarise(self) -> None:
+        """Every summary_interval, one line about what happened since the last one (if anything)."""
+        now = time.monotonic()
+        if now < self._summary_at:
+            return
+        c, last = self.counts, self._summarised
+        done = Counts(c.succeeded - last.succeeded, c.failed - last.failed, c.dead - last.dead)
+        if done.succeeded or done.failed or done.dead:
+            elapsed = now - self._summary_at + self.summary_interval
+            log.info("%d succeeded, %d failed, %d dead in the last %.0fs (%.0f jobs/s); %d held",
+                     done.succeeded, done.failed, done.dead, elapsed,
+                     (done.succeeded + done.failed + done.dead) / elapsed, len(self._held),
+                     extra={"event": "summary", "succeeded": done.succeeded, "failed": done.failed,
+                            "dead": done.dead, "seconds": round(elapsed, 1), "held": len(self._held)})
+        self._summarised = Counts(c.succeeded, c.failed, c.dead)
+        self._summary_at = now + self.summary_interval
+
+    def _log_job(self, job: Claimed, outcome: Outcome | None) -> None:
+        """One event per job start and end (`dj work --verbose` or `--log-format json`)."""
+        if outcome is None:
+            event, level = "job_started", logging.INFO
+        elif outcome.error is None:
+            event, level = "job_succeeded", logging.INFO
+        else:
+            event, level = ("job_dead", logging.WARNING) if outcome.dead else ("job_failed", logging.WARNING)
+        fields = {"event": event, "job_id": job.id, "task": job.task, "queue": job.queue, "attempt": job.attempts}
+        if outcome is not None:
+            fields["duration_s"] = round(time.monotonic() - job.started, 6)
+            if outcome.error is not None:
+                lines = outcome.error.strip().splitlines()
+                fields["error"] = lines[-1] if lines else ""
+        log.log(level, "%s %d %s (attempt %d)%s", event.replace("_", " "), job.id, job.task, job.attempts,
+                f" in {fields['duration_s']:.3f}s" if "duration_s" in fields else "", extra=fields)
 
     def _resize_buffer(self) -> None:
         if self.fixed_prefetch is None:
@@ -349,7 +390,11 @@ class Worker:
             if job is None:
                 return
             job.started = time.monotonic()
+            if self.log_jobs:
+                self._log_job(job, None)
             outcome = self._execute(job)
+            if self.log_jobs:
+                self._log_job(job, outcome)
             # A moving average is enough to size the buffer; races between threads only blur it.
             self._avg_runtime += 0.05 * (time.monotonic() - job.started - self._avg_runtime)
             with self._abandon_lock:  # _enforce_timeouts may be failing this attempt right now
