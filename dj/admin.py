@@ -10,6 +10,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .errors import DJError
+from .sql import QUEUE_SETTINGS_CHANNEL
 
 STATES = ("ready", "scheduled", "running", "dead")
 
@@ -147,9 +148,8 @@ def cancel(conn: psycopg.Connection, job_id: int) -> None:
 
 # --- queues: pause and resume ---------------------------------------------------------------------
 
-# Pausing or resuming a queue sends NOTIFY on this channel, payload {"queue": ..., "paused": ...},
-# so running workers can react at once (stop claiming, hand back what they buffered).
-QUEUE_SETTINGS_CHANNEL = "dj_queue_settings"
+# Pausing or resuming a queue sends NOTIFY on QUEUE_SETTINGS_CHANNEL, payload {"queue": ...,
+# "paused": ...}, so running workers can react at once (stop claiming, hand back what they buffered).
 
 
 def pause_queue(conn: psycopg.Connection, queue: str) -> None:

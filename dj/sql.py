@@ -14,6 +14,7 @@ with a higher attempt number.
 """
 
 NOTIFY_CHANNEL = "dj_jobs"
+QUEUE_SETTINGS_CHANNEL = "dj_queue_settings"  # payload {"queue": ..., "paused": ...} (dj/admin.py)
 
 # --- enqueue -------------------------------------------------------------------------------------
 

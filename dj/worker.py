@@ -139,6 +139,7 @@ class Worker:
         self.summary_interval = summary_interval
         self._summary_at = time.monotonic() + summary_interval
         self._summarised = Counts()
+        self._paused: set[str] = set()
         self.url = database_url or db.database_url()
         self.poll_interval = poll_interval
         # Jobs claimed ahead of free threads, so that one claim round trip serves many jobs. By
@@ -222,6 +223,8 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 self._enforce_timeouts()
+                if self._paused:
+                    self._hand_back_paused()
                 if self._all_stuck():
                     return
                 claimed = self._cycle()
@@ -467,18 +470,46 @@ class Worker:
             try:
                 with self._connect() as conn:
                     conn.execute("LISTEN " + sql.NOTIFY_CHANNEL)
+                    conn.execute("LISTEN " + sql.QUEUE_SETTINGS_CHANNEL)
                     epoch, failures = self._back(epoch), 0
                     self._more_ready = True  # we may have missed notifications while away
                     self._wake.set()
                     while not self._stopping.is_set():
                         for note in conn.notifies(timeout=1.0):
-                            if note.payload in self.queues:
+                            if note.channel == sql.QUEUE_SETTINGS_CHANNEL:
+                                self._on_settings(note.payload)
+                            elif note.payload in self.queues:
                                 self._more_ready = True
                                 self._wake.set()
             except psycopg.Error as exc:
                 self._lost(exc, epoch)
                 self._stopping.wait(reconnect_delay(failures))
                 failures += 1
+
+    def _on_settings(self, payload: str) -> None:
+        try:
+            change = json.loads(payload)
+        except ValueError:
+            return
+        if change.get("paused") and change.get("queue") in self.queues:
+            self._paused.add(change["queue"])  # the main loop hands back its buffered jobs
+            self._wake.set()
+
+    def _hand_back_paused(self) -> None:
+        """Give back the buffered, unstarted jobs of queues that were just paused; running ones finish."""
+        paused, self._paused = self._paused, set()
+        keep, give = [], []
+        while True:
+            try:
+                job = self._todo.get_nowait()
+            except queue_mod.Empty:
+                break
+            (give if job is not None and job.queue in paused else keep).append(job)
+        for job in keep:
+            self._todo.put(job)
+        if give:
+            log.info("queue(s) %s paused: handing back %d unstarted job(s)", ",".join(sorted(paused)), len(give))
+            self._release(give)
 
     def _heartbeat(self) -> None:
         conn: psycopg.Connection | None = None

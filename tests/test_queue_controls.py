@@ -62,3 +62,21 @@ def test_removing_the_limit(conn, cli):
     assert admin.queue_settings(conn)["default"]["concurrency_limit"] == 1
     assert cli("queue", "limit", "default").returncode == 0
     assert admin.queue_settings(conn)["default"]["concurrency_limit"] is None
+
+
+def test_a_pause_hands_back_the_jobs_a_worker_had_buffered(conn, worker_process):
+    import time
+
+    worker = worker_process("--concurrency", "1", "--prefetch", "20")
+    sleep.enqueue_many([(0.3, f"b{i}") for i in range(30)])
+    wait_for(lambda: conn.execute("SELECT count(*) FROM jobs WHERE locked_by IS NOT NULL").fetchone()[0] >= 10,
+             message="the worker to buffer jobs")
+    admin.pause_queue(conn, "default")
+    wait_for(lambda: conn.execute("SELECT count(*) FROM jobs WHERE locked_by IS NOT NULL").fetchone()[0] <= 1,
+             timeout=2, message="the buffered jobs to be handed back within a second or two")
+    worker.wait_for_log("paused: handing back")
+    time.sleep(1.0)  # nothing more may start while paused
+    started = conn.execute("SELECT count(*) FROM test_runs WHERE marker LIKE '%:start'").fetchone()[0]
+    assert started <= 3
+    unstarted = conn.execute("SELECT count(*) FROM jobs WHERE locked_by IS NULL AND attempts = 0").fetchone()[0]
+    assert unstarted >= 30 - started
