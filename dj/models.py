@@ -89,6 +89,13 @@ class JobStat(Base):
     queue: Mapped[str] = mapped_column(Text, primary_key=True)
     succeeded: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     failed: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    # Run time of those attempts: the sum, and cumulative counts of attempts within 0.01/0.1/1/10/60 s.
+    run_seconds: Mapped[float] = mapped_column(Float, nullable=False, server_default="0")
+    run_le_0_01: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    run_le_0_1: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    run_le_1: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    run_le_10: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    run_le_60: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
 
 
 class QueueSetting(Base):

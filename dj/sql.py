@@ -106,7 +106,7 @@ _ENQUEUE_BATCH_CALLBACKS = """callbacks AS (
 )"""
 
 # Successes are deleted, as in DelayedJob, so the hot table holds only unfinished work; the count
-# goes to job_stats. Groups are upserted in queue order so two workers bumping the same buckets
+# and the run time (sum and histogram) go to job_stats. Groups are upserted in queue order so two workers bumping the same buckets
 # always lock them in the same order and cannot deadlock.
 #
 # Batches: the statement that brings a batch's succeeded + dead up to its total is the one that
@@ -115,19 +115,27 @@ _ENQUEUE_BATCH_CALLBACKS = """callbacks AS (
 COMPLETE = """
 WITH done AS (
     DELETE FROM jobs
-    USING unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS d(id, attempts)
+    USING unnest(%(ids)s::bigint[], %(attempts)s::int[], %(seconds)s::float8[]) AS d(id, attempts, seconds)
     WHERE jobs.id = ANY(%(ids)s::bigint[])
       AND jobs.id = d.id AND jobs.attempts = d.attempts AND jobs.locked_by = %(worker)s
-    RETURNING jobs.queue, jobs.batch_id
+    RETURNING jobs.queue, jobs.batch_id, d.seconds
 ), freed AS (
     -- A finished job frees a slot of a limited queue: wake the workers that may be waiting for it.
     SELECT queue FROM queue_settings
     WHERE concurrency_limit IS NOT NULL AND queue IN (SELECT queue FROM done)
 ), stats AS (
-    INSERT INTO job_stats AS s (bucket, queue, succeeded)
-    SELECT date_bin('10 seconds', now(), timestamptz '2000-01-01'), queue, count(*)
+    INSERT INTO job_stats AS s (bucket, queue, succeeded, run_seconds,
+                                run_le_0_01, run_le_0_1, run_le_1, run_le_10, run_le_60)
+    SELECT date_bin('10 seconds', now(), timestamptz '2000-01-01'), queue, count(*), sum(seconds),
+           count(*) FILTER (WHERE seconds <= 0.01), count(*) FILTER (WHERE seconds <= 0.1),
+           count(*) FILTER (WHERE seconds <= 1), count(*) FILTER (WHERE seconds <= 10),
+           count(*) FILTER (WHERE seconds <= 60)
     FROM done GROUP BY queue ORDER BY queue
-    ON CONFLICT (bucket, queue) DO UPDATE SET succeeded = s.succeeded + EXCLUDED.succeeded
+    ON CONFLICT (bucket, queue) DO UPDATE
+    SET succeeded = s.succeeded + EXCLUDED.succeeded, run_seconds = s.run_seconds + EXCLUDED.run_seconds,
+        run_le_0_01 = s.run_le_0_01 + EXCLUDED.run_le_0_01, run_le_0_1 = s.run_le_0_1 + EXCLUDED.run_le_0_1,
+        run_le_1 = s.run_le_1 + EXCLUDED.run_le_1, run_le_10 = s.run_le_10 + EXCLUDED.run_le_10,
+        run_le_60 = s.run_le_60 + EXCLUDED.run_le_60
 ), batch_progress AS (
     UPDATE batches AS b
     SET succeeded = b.succeeded + n.count,
@@ -149,15 +157,23 @@ WITH failed AS (
         run_at = CASE WHEN f.dead THEN jobs.run_at ELSE now() + f.delay * interval '1 second' END,
         failed_at = CASE WHEN f.dead THEN now() END
     FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(errors)s::text[], %(delays)s::float8[],
-                %(dead)s::bool[]) AS f(id, attempts, error, delay, dead)
+                %(dead)s::bool[], %(seconds)s::float8[]) AS f(id, attempts, error, delay, dead, seconds)
     WHERE jobs.id = ANY(%(ids)s::bigint[])
       AND jobs.id = f.id AND jobs.attempts = f.attempts AND jobs.locked_by = %(worker)s
-    RETURNING jobs.queue, jobs.batch_id, f.dead
+    RETURNING jobs.queue, jobs.batch_id, f.dead, f.seconds
 ), stats AS (
-    INSERT INTO job_stats AS s (bucket, queue, failed)
-    SELECT date_bin('10 seconds', now(), timestamptz '2000-01-01'), queue, count(*)
+    INSERT INTO job_stats AS s (bucket, queue, failed, run_seconds,
+                                run_le_0_01, run_le_0_1, run_le_1, run_le_10, run_le_60)
+    SELECT date_bin('10 seconds', now(), timestamptz '2000-01-01'), queue, count(*), sum(seconds),
+           count(*) FILTER (WHERE seconds <= 0.01), count(*) FILTER (WHERE seconds <= 0.1),
+           count(*) FILTER (WHERE seconds <= 1), count(*) FILTER (WHERE seconds <= 10),
+           count(*) FILTER (WHERE seconds <= 60)
     FROM failed GROUP BY queue ORDER BY queue
-    ON CONFLICT (bucket, queue) DO UPDATE SET failed = s.failed + EXCLUDED.failed
+    ON CONFLICT (bucket, queue) DO UPDATE
+    SET failed = s.failed + EXCLUDED.failed, run_seconds = s.run_seconds + EXCLUDED.run_seconds,
+        run_le_0_01 = s.run_le_0_01 + EXCLUDED.run_le_0_01, run_le_0_1 = s.run_le_0_1 + EXCLUDED.run_le_0_1,
+        run_le_1 = s.run_le_1 + EXCLUDED.run_le_1, run_le_10 = s.run_le_10 + EXCLUDED.run_le_10,
+        run_le_60 = s.run_le_60 + EXCLUDED.run_le_60
 ), batch_progress AS (
     UPDATE batches AS b
     SET dead = b.dead + n.count,

@@ -98,6 +98,7 @@ class Outcome:
     job: Claimed
     error: str | None = None  # None means success
     dead: bool = False
+    seconds: float = 0.0  # how long the attempt ran
 
 
 @dataclass
@@ -308,20 +309,21 @@ class Worker:
             self._more_ready = False
         if not outcomes and not claim:
             return 0
-        ok = [o.job for o in outcomes if o.error is None]
+        ok = [o for o in outcomes if o.error is None]
         bad = [o for o in outcomes if o.error is not None]
         try:
             with self._conn.pipeline():
                 woken = []  # queues with new work: batch callbacks, freed slots of limited queues
                 if ok:
                     woken.append(self._conn.execute(sql.COMPLETE, {
-                        "ids": [j.id for j in ok], "attempts": [j.attempts for j in ok], "worker": self.name}))
+                        "ids": [o.job.id for o in ok], "attempts": [o.job.attempts for o in ok],
+                        "seconds": [o.seconds for o in ok], "worker": self.name}))
                 if bad:
                     woken.append(self._conn.execute(sql.FAIL, {
                         "ids": [o.job.id for o in bad], "attempts": [o.job.attempts for o in bad],
                         "errors": [o.error[:MAX_ERROR_CHARS] for o in bad],
                         "delays": [retry_delay(o.job.attempts) for o in bad],
-                        "dead": [o.dead for o in bad], "worker": self.name}))
+                        "dead": [o.dead for o in bad], "seconds": [o.seconds for o in bad], "worker": self.name}))
                 cur = self._claim(room) if claim else None
         except BaseException:
             self._results.extendleft(reversed(outcomes))  # record them after reconnecting
@@ -398,8 +400,9 @@ class Worker:
             outcome = self._execute(job)
             if self.log_jobs:
                 self._log_job(job, outcome)
+            outcome.seconds = time.monotonic() - job.started
             # A moving average is enough to size the buffer; races between threads only blur it.
-            self._avg_runtime += 0.05 * (time.monotonic() - job.started - self._avg_runtime)
+            self._avg_runtime += 0.05 * (outcome.seconds - self._avg_runtime)
             with self._abandon_lock:  # _enforce_timeouts may be failing this attempt right now
                 job.finished = True
                 late = self._abandoned.pop((job.id, job.attempts), None) is not None
@@ -443,7 +446,7 @@ class Worker:
                         continue
                     self._abandoned[(job.id, job.attempts)] = job
                 self._results.append(Outcome(job, f"timed out after {limit:g} s",
-                                             dead=job.attempts >= job.max_attempts))
+                                             dead=job.attempts >= job.max_attempts, seconds=now - job.started))
 
     def _all_stuck(self) -> bool:
         """Whether every runner thread is stuck: still inside a job past twice its timeout. Python

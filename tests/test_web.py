@@ -444,3 +444,18 @@ def test_metrics(client, conn):
 def test_the_schema_has_queue_settings(conn):
     assert conn.execute("SELECT to_regclass('queue_settings') IS NOT NULL").fetchone()[0]
     assert conn.execute("SELECT count(*) FROM alembic_version WHERE version_num >= '0003'").fetchone()[0] == 1
+
+
+def test_metrics_run_time_histogram_from_real_workers(client, conn, run_burst):
+    from tests.support_jobs import record, sleep
+
+    record.enqueue_many([(i,) for i in range(5)])
+    sleep.enqueue_many([(0.3, "slow1"), (0.3, "slow2")])
+    run_burst()
+    text = client.get("/metrics").text
+    assert "# TYPE dj_job_run_seconds histogram" in text
+    assert metric(text, "dj_job_run_seconds_count", queue="default") == 7
+    assert metric(text, "dj_job_run_seconds_bucket", le="0.1", queue="default") == 5
+    assert metric(text, "dj_job_run_seconds_bucket", le="1.0", queue="default") == 7
+    assert metric(text, "dj_job_run_seconds_bucket", le="+Inf", queue="default") == 7
+    assert 0.6 <= metric(text, "dj_job_run_seconds_sum", queue="default") < 5

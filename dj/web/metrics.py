@@ -7,6 +7,7 @@
 | `dj_queue_oldest_ready_age_seconds` | gauge | queue |
 | `dj_queue_paused` | gauge (1 paused, 0 active) | queue |
 | `dj_jobs_succeeded_total`, `dj_jobs_failed_total` | counter | queue |
+| `dj_job_run_seconds` | histogram of attempts' run time | queue |
 | `dj_workers` | gauge | |
 | `dj_worker_running_jobs`, `dj_worker_heartbeat_age_seconds` | gauge | worker |
 | `dj_database_up` | gauge | |
@@ -17,7 +18,8 @@ bucket there is, later scrapes add only what grew since (buckets younger than a 
 re-read, older ones are final). They are totals as seen by this `dj web` process, and start over
 with it, which Prometheus treats as a counter reset.
 
-Run-time histograms need the workers to record durations; the dashboard has no way to see them.
+The run-time histogram `dj_job_run_seconds` (queue) is built the same way from the run time the
+workers record with every finished attempt (sum and cumulative buckets at 0.01/0.1/1/10/60 s).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from datetime import timedelta
 from typing import Callable
 
 import psycopg
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .. import admin
@@ -38,6 +40,8 @@ from . import queries
 log = logging.getLogger(__name__)
 
 RECENT = timedelta(seconds=60)  # buckets younger than this may still grow
+STAT_COLUMNS = ("succeeded", "failed", "run_seconds", "run_le_0_01", "run_le_0_1", "run_le_1", "run_le_10", "run_le_60")
+RUN_BOUNDS = ("0.01", "0.1", "1.0", "10.0", "60.0")
 
 
 class DJCollector(Collector):
@@ -50,17 +54,17 @@ class DJCollector(Collector):
 
     def _add_new_stats(self, conn: psycopg.Connection) -> None:
         now = conn.execute("SELECT now()").fetchone()[0]
+        columns = "bucket, queue, " + ", ".join(STAT_COLUMNS)
         if self._horizon is None:
-            rows = conn.execute("SELECT bucket, queue, succeeded, failed FROM job_stats").fetchall()
+            rows = conn.execute(f"SELECT {columns} FROM job_stats").fetchall()
         else:
-            rows = conn.execute("SELECT bucket, queue, succeeded, failed FROM job_stats WHERE bucket >= %s",
-                                (self._horizon,)).fetchall()
-        for bucket, queue, succeeded, failed in rows:
-            before = self._seen.get((bucket, queue), (0, 0))
-            total = self._totals.setdefault(queue, [0, 0])
-            total[0] += max(succeeded - before[0], 0)
-            total[1] += max(failed - before[1], 0)
-            self._seen[(bucket, queue)] = (succeeded, failed)
+            rows = conn.execute(f"SELECT {columns} FROM job_stats WHERE bucket >= %s", (self._horizon,)).fetchall()
+        for bucket, queue, *values in rows:
+            before = self._seen.get((bucket, queue), (0,) * len(values))
+            total = self._totals.setdefault(queue, [0] * len(values))
+            for i, (now_value, old_value) in enumerate(zip(values, before)):
+                total[i] += max(now_value - old_value, 0)
+            self._seen[(bucket, queue)] = tuple(values)
         self._horizon = now - RECENT
         self._seen = {k: v for k, v in self._seen.items() if k[0] >= self._horizon}
 
@@ -100,11 +104,16 @@ class DJCollector(Collector):
         succeeded = CounterMetricFamily("dj_jobs_succeeded", "Job attempts that succeeded", labels=["queue"])
         failed = CounterMetricFamily("dj_jobs_failed", "Job attempts that failed (retried or dead)",
                                      labels=["queue"])
-        for queue, (s, f) in sorted(totals.items()):
+        run_time = HistogramMetricFamily("dj_job_run_seconds", "Run time of finished job attempts",
+                                         labels=["queue"])
+        for queue, (s, f, seconds, *cumulative) in sorted(totals.items()):
             succeeded.add_metric([queue], s)
             failed.add_metric([queue], f)
+            buckets = [(bound, count) for bound, count in zip(RUN_BOUNDS, cumulative)] + [("+Inf", s + f)]
+            run_time.add_metric([queue], buckets, sum_value=seconds)
         yield succeeded
         yield failed
+        yield run_time
 
         workers = GaugeMetricFamily("dj_workers", "Registered worker processes")
         workers.add_metric([], len(doc["workers"]))
