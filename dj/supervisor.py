@@ -44,6 +44,9 @@ def child_main() -> None:
     """Entry point of a supervised worker process; its options arrive as JSON in the environment."""
     spec = json.loads(os.environ.pop(_OPTIONS_ENV))
     logs.configure(spec["log_level"], spec["log_format"])
+    # As in `dj work` itself: psycopg's "error ignored terminating <Pipeline>" when a connection
+    # drops would be a second line for an outage that the worker already logs once.
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
     try:
         Worker(**spec["options"]).run(burst=spec["burst"])
     except WorkerStuck:
