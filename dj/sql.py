@@ -18,17 +18,21 @@ QUEUE_SETTINGS_CHANNEL = "dj_queue_settings"  # payload {"queue": ..., "paused":
 
 # --- enqueue -------------------------------------------------------------------------------------
 
-# One statement for any number of rows (a single enqueue is a list of one). Rows whose unique key
-# is held by a live job are skipped.
-ENQUEUE_MANY = """
-INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id)
-SELECT queue, priority, task, args::jsonb, kwargs::jsonb, coalesce(run_at, now()), max_attempts, timeout,
-       unique_key, batch_id
-FROM unnest(%s::text[], %s::smallint[], %s::text[], %s::text[], %s::text[], %s::timestamptz[],
-            %s::int[], %s::float8[], %s::text[], %s::bigint[])
-     AS t(queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id)
-ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND failed_at IS NULL DO NOTHING
-RETURNING id, unique_key
+# One statement, so one round trip, for any number of rows (a single enqueue is a list of one),
+# with its NOTIFY: sent once, at commit, and only if a row went in. Rows whose unique key is held
+# by a live job are skipped.
+ENQUEUE = """
+WITH inserted AS (
+    INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id)
+    SELECT %(queue)s, %(priority)s, %(task)s, t.args::jsonb, t.kwargs::jsonb, coalesce(%(run_at)s, now()),
+           %(max_attempts)s, %(timeout)s, t.unique_key, %(batch_id)s
+    FROM unnest(%(args)s::text[], %(kwargs)s::text[], %(keys)s::text[]) AS t(args, kwargs, unique_key)
+    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND failed_at IS NULL DO NOTHING
+    RETURNING id, unique_key
+), woken AS (
+    SELECT pg_notify('""" + NOTIFY_CHANNEL + """', %(queue)s) WHERE EXISTS (SELECT FROM inserted)
+)
+SELECT id, unique_key, (SELECT count(*) FROM woken) FROM inserted
 """
 
 # The jobs that hold the given unique keys: what an enqueue of an already-held key returns.

@@ -142,18 +142,16 @@ class Enqueuer:
 
     def _insert(self, conn: psycopg.Connection, rows: list[tuple[str, str, str | None]],
                 batch_id: int | None) -> list[int | None]:
-        """Insert rows with one statement and one NOTIFY. Returns each row's new id, or None where
-        its unique key was held."""
+        """Insert rows (and NOTIFY) with one statement. Returns each row's new id, or None where its
+        unique key was held."""
         o = self.options
-        n = len(rows)
-        params = ([o.queue] * n, [o.priority] * n, [self.name] * n, [r[0] for r in rows], [r[1] for r in rows],
-                  [o.run_at] * n, [o.max_attempts] * n, [o.timeout] * n, [r[2] for r in rows], [batch_id] * n)
-        with conn.pipeline():
-            cur = conn.execute(sql.ENQUEUE_MANY, params)
-            conn.execute(sql.NOTIFY, (o.queue,))
+        cur = conn.execute(sql.ENQUEUE, {
+            "queue": o.queue, "priority": o.priority, "task": self.name, "run_at": o.run_at,
+            "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
+            "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows]})
         # Identity values are drawn in input order, so the inserted rows, sorted by id, line up
         # with the input rows that were not skipped.
-        returned = iter(sorted(cur.fetchall()))
+        returned = iter(sorted((job_id, key) for job_id, key, _ in cur.fetchall()))
         nxt = next(returned, None)
         result: list[int | None] = []
         for _, _, key in rows:
