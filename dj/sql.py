@@ -35,6 +35,9 @@ WITH inserted AS (
 SELECT id, unique_key, (SELECT count(*) FROM woken) FROM inserted
 """
 
+# Ids for a bulk enqueue by COPY, which cannot return them. They come in increasing order.
+DRAW_JOB_IDS = "SELECT nextval(pg_get_serial_sequence('jobs', 'id')) FROM generate_series(1, %s) ORDER BY 1"
+
 # The jobs that hold the given unique keys: what an enqueue of an already-held key returns.
 HOLDERS_OF_KEYS = """
 SELECT unique_key, id FROM jobs WHERE unique_key = ANY(%s::text[]) AND failed_at IS NULL

@@ -97,3 +97,29 @@ def test_priority_out_of_range_is_refused(conn, priority):
     with pytest.raises(ValueError):
         record.using(priority=priority).enqueue(1)
     assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+
+
+def test_bulk_enqueue_by_copy_keeps_order_options_and_sends_one_notify(db_url, conn):
+    from dj.task import COPY_AT
+
+    when = datetime.now(timezone.utc) + timedelta(minutes=3)
+    n = COPY_AT + 500
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("LISTEN dj_jobs")
+        with dj.batch() as b:
+            ids = record.using(queue="bulk", priority=4, run_at=when, timeout=9).enqueue_many([(i,) for i in range(n)])
+        payloads = [x.payload for x in listener.notifies(timeout=1.0, stop_after=2)]
+    assert payloads == ["bulk"]
+    assert len(ids) == n and ids == sorted(ids) and b.total == n
+    rows = conn.execute("SELECT id, args, queue, priority, run_at, timeout, batch_id FROM jobs ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == ids
+    assert [r[1] for r in rows] == [[i] for i in range(n)]
+    assert {(r[2], r[3], r[5], r[6]) for r in rows} == {("bulk", 4, 9.0, b.id)}
+    assert all(abs((r[4] - when).total_seconds()) < 0.001 for r in rows)
+
+
+def test_bulk_enqueue_by_copy_in_a_rolled_back_transaction_leaves_nothing(db_url, conn):
+    with psycopg.connect(db_url) as tx:
+        record.using(conn=tx).enqueue_many([(i,) for i in range(1500)])
+        tx.rollback()
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
