@@ -196,9 +196,11 @@ def test_an_xss_payload_is_shown_as_text(page, conn):
     assert page.dialogs == []
 
 
-def test_screenshot_of_the_overview(page, conn):
+def test_screenshot_of_the_overview(page, conn, tmp_path):
     """Fills the dashboard with a plausible picture (the hour's throughput is synthetic) and saves
-    docs/dashboard.png, which the README shows."""
+    a screenshot: into docs/dashboard.png, which the README shows, with DJ_UPDATE_SCREENSHOT=1,
+    else into the test's temporary directory, so that test runs leave the work tree alone."""
+    target = SCREENSHOT if os.environ.get("DJ_UPDATE_SCREENSHOT") else tmp_path / "dashboard.png"
     conn.execute("""
         INSERT INTO jobs (queue, task, args, priority)
         SELECT q, t, jsonb_build_array(i), i % 3
@@ -222,7 +224,7 @@ def test_screenshot_of_the_overview(page, conn):
     conn.execute("INSERT INTO queue_settings (queue, paused) VALUES ('reports', true)")
     page.goto("/")
     expect(queue_row(page, "reports").locator("[data-status]")).to_have_text("paused")
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
-    data = Path(SCREENSHOT).read_bytes()
+    target.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(target), full_page=True)
+    data = target.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
