@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from . import db, logs
-from .errors import WorkerStuck
+from .errors import DJError, WorkerStuck
 from .worker import Worker
 
 log = logging.getLogger("dj.supervisor")
@@ -53,6 +53,12 @@ def child_main() -> None:
         # Its stuck threads cannot be joined: leave at once, with the code that asks for a replacement.
         logging.shutdown()
         os._exit(EXIT_STUCK)
+    except DJError as exc:
+        # Typically a replacement started while the database is down. One line, not a traceback;
+        # the supervisor starts another one after its back-off.
+        log.warning("worker process could not start: %s", exc)
+        logging.shutdown()
+        sys.exit(1)
 
 
 class Supervisor:

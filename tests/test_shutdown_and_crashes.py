@@ -74,3 +74,22 @@ def test_the_supervisor_replaces_a_child_killed_with_sigkill(conn, worker_proces
     supervisor.send_signal(signal.SIGTERM)
     assert supervisor.wait(30) == 0
     supervisor.wait_for_log(f"worker process {victim} exited with signal SIGKILL; starting a replacement")
+
+
+def test_a_supervised_worker_that_cannot_reach_the_database_logs_one_line(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    spec = {"options": {"queues": ["default"], "concurrency": 1,
+                        "database_url": "postgresql://bob:s3cret@127.0.0.1:1/nowhere"},
+            "burst": True, "log_level": 20, "log_format": "text"}
+    child = subprocess.run([sys.executable, "-c", "from dj.supervisor import child_main; child_main()"],
+                           env={**os.environ, "DJ_WORKER_OPTIONS": json.dumps(spec)}, cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == 1
+    assert "Traceback" not in child.stderr
+    assert "worker process could not start: cannot connect to postgresql://bob:***@127.0.0.1:1" in child.stderr
+    assert "s3cret" not in child.stderr
