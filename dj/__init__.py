@@ -22,6 +22,6 @@ def migrate(url: str | None = None) -> str:
 
 __all__ = [
     "DJError", "DatabaseUnavailable", "JobContext", "Permanent", "SchemaMissing", "Task", "Worker", "WorkFailed",
-    "batch", "connect", "current_batch", "current_job", "database_url", "enqueue", "job", "migrate", "run_workers", "status", "transaction",
+    "batch", "batches", "connect", "current_batch", "current_job", "database_url", "enqueue", "job", "migrate", "run_workers", "status", "transaction",
     "use_database",
 ]

@@ -10,6 +10,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .errors import DJError
+from . import sql
 from .sql import QUEUE_SETTINGS_CHANNEL
 
 STATES = ("ready", "scheduled", "running", "dead")
@@ -97,15 +98,15 @@ def list_jobs(conn: psycopg.Connection, state: str | None = None, queue: str | N
         params.append(before_id)
     if limit < 1:
         raise DJError("--limit must be a positive integer")
-    sql = f"SELECT {_COLUMNS}, {_state_expr()} AS state FROM jobs"
+    query = f"SELECT {_COLUMNS}, {_state_expr()} AS state FROM jobs"
     if where:
-        sql += " WHERE " + " AND ".join(where)
+        query += " WHERE " + " AND ".join(where)
     # Paging backwards reads the ids just below `before_id`, nearest first, then restores id order.
     backwards = before_id is not None and after_id is None
-    sql += f" ORDER BY id {'DESC' if backwards else ''} LIMIT %s"
+    query += f" ORDER BY id {'DESC' if backwards else ''} LIMIT %s"
     params.append(limit)
     with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(sql, params).fetchall()
+        rows = cur.execute(query, params).fetchall()
     return rows[::-1] if backwards else rows
 
 
@@ -126,7 +127,7 @@ def retry(conn: psycopg.Connection, job_id: int) -> None:
     if row is None:
         get_job(conn, job_id)  # raises if missing
         raise DJError(f"job {job_id} is running; it cannot be retried now")
-    conn.execute("SELECT pg_notify('dj_jobs', %s)", (row[0],))
+    conn.execute(sql.NOTIFY, (row[0],))
 
 
 def retry_dead(conn: psycopg.Connection, queue: str | None = None) -> int:
@@ -135,7 +136,7 @@ def retry_dead(conn: psycopg.Connection, queue: str | None = None) -> int:
         "WHERE failed_at IS NOT NULL AND (%s::text IS NULL OR queue = %s) RETURNING queue",
         (queue, queue)).fetchall()
     for q in sorted({r[0] for r in rows}):
-        conn.execute("SELECT pg_notify('dj_jobs', %s)", (q,))
+        conn.execute(sql.NOTIFY, (q,))
     return len(rows)
 
 
@@ -179,7 +180,7 @@ def _set_paused(conn: psycopg.Connection, queue: str, paused: bool) -> None:
         conn.execute("SELECT pg_notify(%s, %s)",
                      (QUEUE_SETTINGS_CHANNEL, json.dumps({"queue": queue, "paused": paused})))
         if not paused:
-            conn.execute("SELECT pg_notify('dj_jobs', %s)", (queue,))
+            conn.execute(sql.NOTIFY, (queue,))
 
 
 def _state_expr() -> str:
@@ -195,7 +196,7 @@ def set_concurrency_limit(conn: psycopg.Connection, queue: str, limit: int | Non
         conn.execute("INSERT INTO queue_settings (queue, concurrency_limit) VALUES (%s, %s)"
                      " ON CONFLICT (queue) DO UPDATE SET concurrency_limit = EXCLUDED.concurrency_limit",
                      (queue, limit))
-        conn.execute("SELECT pg_notify('dj_jobs', %s)", (queue,))
+        conn.execute(sql.NOTIFY, (queue,))
 
 
 def running_progress(conn: psycopg.Connection) -> list[dict[str, Any]]:

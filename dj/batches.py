@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-from contextlib import nullcontext
 from typing import Any
 
 import psycopg
@@ -38,7 +37,7 @@ class Batch:
         self._token: contextvars.Token | None = None
 
     def __enter__(self) -> "Batch":
-        with db.transaction() if self._conn is None else nullcontext(self._conn) as conn:
+        with db.borrow(self._conn) as conn:
             self.id = conn.execute(sql.OPEN_BATCH, self._row).fetchone()[0]
         self._token = _current.set(self)
         return self
@@ -47,7 +46,7 @@ class Batch:
         _current.reset(self._token)
         if exc_type is not None:
             return
-        with db.transaction() if self._conn is None else nullcontext(self._conn) as conn:
+        with db.borrow(self._conn) as conn:
             conn.execute(sql.CLOSE_BATCH, {"id": self.id, "total": self.total})
 
 

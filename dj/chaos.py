@@ -106,10 +106,6 @@ class ThrowawayServer:
         self.env = {**os.environ, "DJ_HOME": self.home, "DJ_DATABASE_URL": ""}
         self.url = self.start()
 
-    @property
-    def pgdata(self) -> Path:
-        return Path(self.home) / "pgdata"
-
     def _db(self, action: str) -> str:
         result = subprocess.run([sys.executable, "-m", "dj", "db", action], env=self.env, capture_output=True,
                                 text=True, timeout=120)
@@ -213,7 +209,7 @@ def run(url: str, *, jobs: int, minutes: float, processes: int = 4, concurrency:
         job_ms: float = 20.0, kill_every: float = 3.0, lock_timeout: float = 5.0, server: ThrowawayServer | None = None,
         restart_at: float = 0.4, seed: int | None = None, say=print) -> Report:
     """One chaos run against `url`; `server` (if given) is the one to restart. Returns the report."""
-    from . import db, migrate
+    from . import migrate
 
     rng = random.Random(seed)
     report = Report(enqueued=jobs)

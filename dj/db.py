@@ -75,6 +75,16 @@ def transaction(url: str | None = None) -> Iterator[psycopg.Connection]:
         yield conn
 
 
+@contextmanager
+def borrow(conn: psycopg.Connection | None = None, url: str | None = None) -> Iterator[psycopg.Connection]:
+    """The caller's connection as it is (their transaction decides), or a pooled autocommit one."""
+    if conn is not None:
+        yield conn
+        return
+    with pool(url).connection() as pooled:
+        yield pooled
+
+
 def ensure_schema(conn: psycopg.Connection) -> None:
     row = conn.execute("SELECT to_regclass('jobs') IS NOT NULL AND to_regclass('workers') IS NOT NULL").fetchone()
     if not row[0]:

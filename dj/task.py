@@ -129,7 +129,7 @@ class Enqueuer:
         batch = current_batch()
         ids: dict[int, int] = {}
         pending = list(range(len(rows)))
-        with _transaction(o.conn) as conn:
+        with db.borrow(o.conn) as conn:
             # A key's holder can finish between our INSERT and the look-up of its id; then the key
             # is free, and the next round inserts the job after all.
             while pending:
@@ -259,21 +259,3 @@ def enqueue(name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None =
 def _check_priority(priority: int) -> None:
     if not isinstance(priority, int) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
         raise ValueError(f"priority must be an integer in [{PRIORITY_MIN}, {PRIORITY_MAX}]")
-
-
-class _transaction:
-    """The caller's connection as it is (their transaction decides), or a pooled one that commits."""
-
-    def __init__(self, conn: psycopg.Connection | None):
-        self._conn = conn
-        self._pooled = None
-
-    def __enter__(self) -> psycopg.Connection:
-        if self._conn is not None:
-            return self._conn
-        self._pooled = db.pool().connection()
-        return self._pooled.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._pooled is not None:
-            self._pooled.__exit__(*exc)

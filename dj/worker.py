@@ -682,14 +682,16 @@ class Worker:
         if not jobs:
             return
         try:
-            self._conn.execute(sql.RELEASE, {"ids": [j.id for j in jobs], "attempts": [j.attempts for j in jobs],
-                                             "started": [j.started is not None for j in jobs],
-                                             "worker": self.name})
+            self._conn.execute(sql.RELEASE, self._release_params(jobs))
         except psycopg.Error as exc:
             log.warning("could not hand back %d job(s) (%s); they return after the lock timeout",
                         len(jobs), _first_line(exc))
         for j in jobs:
             self._held.pop(j.id, None)
+
+    def _release_params(self, jobs: list[Claimed]) -> dict[str, Any]:
+        return {"ids": [j.id for j in jobs], "attempts": [j.attempts for j in jobs],
+                "started": [j.started is not None for j in jobs], "worker": self.name}
 
     def _hand_back_everything_now(self) -> None:
         jobs = list(self._held.values())
@@ -697,8 +699,7 @@ class Worker:
             return
         try:
             with psycopg.connect(self.url, autocommit=True, connect_timeout=3) as conn:
-                conn.execute(sql.RELEASE, {"ids": [j.id for j in jobs], "attempts": [j.attempts for j in jobs],
-                                           "started": [j.started is not None for j in jobs], "worker": self.name})
+                conn.execute(sql.RELEASE, self._release_params(jobs))
                 conn.execute(sql.UNREGISTER_WORKER, (self.name,))
         except psycopg.Error:
             pass

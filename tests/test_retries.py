@@ -1,6 +1,5 @@
 """Failures: DelayedJob's backoff, the dead state, Permanent, unknown tasks and malformed rows."""
 
-import json
 
 import pytest
 
