@@ -5,7 +5,7 @@ from .admin import status
 from . import batches
 from .batches import batch, current_batch
 from .context import JobContext, current_job
-from .db import connect, database_url, transaction, use_database
+from .db import connect, connection, database_url, transaction, use_database
 from .errors import DatabaseUnavailable, DJError, Permanent, SchemaMissing, WorkFailed
 from .supervisor import run_workers
 from .task import Task, enqueue, job
@@ -22,6 +22,6 @@ def migrate(url: str | None = None) -> str:
 
 __all__ = [
     "DJError", "DatabaseUnavailable", "JobContext", "Permanent", "SchemaMissing", "Task", "Worker", "WorkFailed",
-    "batch", "batches", "connect", "current_batch", "current_job", "database_url", "enqueue", "job", "migrate", "run_workers", "status", "transaction",
+    "batch", "batches", "connect", "connection", "current_batch", "current_job", "database_url", "enqueue", "job", "migrate", "run_workers", "status", "transaction",
     "use_database",
 ]

@@ -76,12 +76,20 @@ def transaction(url: str | None = None) -> Iterator[psycopg.Connection]:
 
 
 @contextmanager
+def connection(url: str | None = None) -> Iterator[psycopg.Connection]:
+    """A pooled autocommit connection: each statement commits on its own, and `conn.transaction()`
+    opens a transaction where you choose (with its isolation level, say)."""
+    with pool(url).connection() as conn:
+        yield conn
+
+
+@contextmanager
 def borrow(conn: psycopg.Connection | None = None, url: str | None = None) -> Iterator[psycopg.Connection]:
     """The caller's connection as it is (their transaction decides), or a pooled autocommit one."""
     if conn is not None:
         yield conn
         return
-    with pool(url).connection() as pooled:
+    with connection(url) as pooled:
         yield pooled
 
 

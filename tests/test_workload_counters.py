@@ -85,6 +85,22 @@ def test_a_rebuild_touches_only_its_range_and_only_changed_rows(conn):
     assert counters.rebuild_range(conn, "users", 1, 3) == 1
 
 
+def test_a_rebuild_on_its_own_writes_only_wrong_rows_and_locks_no_others(db_url, conn):
+    seed.insert_questions(conn, 4)
+    seed.insert_answers(conn, 20)
+    counters.rebuild_range(conn, "questions", 1, 4)
+    conn.execute("UPDATE questions SET answers_count = answers_count + 5 WHERE id = 3")
+    counters.rebuild_range(conn, "questions", 1, 4)
+    # The optimistic path wrote row 3 alone; the locking path would have stamped every row's xmax.
+    stamped = conn.execute("SELECT id FROM questions WHERE xmax <> 0 ORDER BY id").fetchall()
+    assert stamped == []
+    assert counters.check(conn) == []
+    with psycopg.connect(db_url) as inside:
+        inside.execute("SELECT 1")  # the caller's transaction is open: rebuild_range locks
+        counters.rebuild_range(inside, "questions", 1, 4)
+        assert inside.execute("SELECT count(*) FROM questions WHERE xmax <> 0").fetchone()[0] == 4
+
+
 def test_the_serial_job_rebuilds_whole_tables(conn, run_burst):
     storefront_and_board(conn)
     counters.rebuild_all_serial.enqueue("all")
