@@ -18,9 +18,19 @@ QUEUE_SETTINGS_CHANNEL = "dj_queue_settings"  # payload {"queue": ..., "paused":
 
 # --- enqueue -------------------------------------------------------------------------------------
 
-# One statement, so one round trip, for any number of rows (a single enqueue is a list of one),
-# with its NOTIFY: sent once, at commit, and only if a row went in. Rows whose unique key is held
-# by a live job are skipped.
+# One job, the common case: a plain VALUES insert, with its NOTIFY riding on RETURNING so that
+# it is sent (at commit) only if the row went in. A job whose unique key is held by a live job is
+# skipped. Measured: 93% of a bare INSERT's rate, where ENQUEUE below with one row reaches 68%.
+ENQUEUE_ONE = """
+INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id)
+VALUES (%(queue)s, %(priority)s, %(task)s, %(args)s::jsonb, %(kwargs)s::jsonb, coalesce(%(run_at)s, now()),
+        %(max_attempts)s, %(timeout)s, %(unique_key)s, %(batch_id)s)
+ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND failed_at IS NULL DO NOTHING
+RETURNING id, pg_notify('""" + NOTIFY_CHANNEL + """', %(queue)s)
+"""
+
+# Many jobs in one statement, so one round trip, with one NOTIFY: sent once, at commit, and only
+# if a row went in. Rows whose unique key is held by a live job are skipped.
 ENQUEUE = """
 WITH inserted AS (
     INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id)

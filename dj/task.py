@@ -156,10 +156,14 @@ class Enqueuer:
         o = self.options
         if len(rows) >= COPY_AT and all(key is None for _, _, key in rows):
             return self._copy(conn, rows, batch_id)
-        cur = conn.execute(sql.ENQUEUE, {
-            "queue": o.queue, "priority": o.priority, "task": self.name, "run_at": o.run_at,
-            "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
-            "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows]})
+        params = {"queue": o.queue, "priority": o.priority, "task": self.name, "run_at": o.run_at,
+                  "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id}
+        if len(rows) == 1:
+            params["args"], params["kwargs"], params["unique_key"] = rows[0]
+            inserted = conn.execute(sql.ENQUEUE_ONE, params).fetchone()
+            return [inserted[0] if inserted else None]
+        params |= {"args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows]}
+        cur = conn.execute(sql.ENQUEUE, params)
         # Identity values are drawn in input order, so the inserted rows, sorted by id, line up
         # with the input rows that were not skipped.
         returned = iter(sorted((job_id, key) for job_id, key, _ in cur.fetchall()))

@@ -32,7 +32,8 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)  # exactly one JSON object on stdout; the progress goes to stderr
 
-    for key in ("raw_ceiling_per_s", "enqueue_single_per_s", "insert_single_per_s", "enqueue_bulk_per_s"):
+    for key in ("raw_ceiling_per_s", "enqueue_single_per_s", "enqueue_single_own_conn_per_s", "insert_single_per_s",
+                "enqueue_bulk_per_s"):
         assert _number(doc[key]) and doc[key] > 0, key
     assert set(doc["drain_per_s"]) == {"1", "2"}
     assert all(_number(v) and v > 0 for v in doc["drain_per_s"].values())

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import psycopg
+
 from tests.conftest import ROOT
 from tests.support_jobs import record, unique_record
 
@@ -14,6 +16,15 @@ def test_a_held_key_returns_the_existing_job(conn):
     assert other != first
     assert record.using(unique_key="k1").enqueue("x") == record.using(unique_key="k1").enqueue("y")
     assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 3
+
+
+def test_an_enqueue_that_finds_its_key_held_wakes_no_worker(db_url, conn):
+    first = unique_record.using(queue="u").enqueue("a")
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("LISTEN dj_jobs")
+        assert unique_record.using(queue="u").enqueue("a") == first
+        unique_record.using(queue="v").enqueue("b")
+        assert [n.payload for n in listener.notifies(timeout=1.0, stop_after=1)] == ["v"]
 
 
 def test_enqueue_many_skips_held_keys_and_returns_every_id(conn):
