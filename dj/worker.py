@@ -317,13 +317,14 @@ class Worker:
                 if ok:
                     woken.append(self._conn.execute(sql.COMPLETE, {
                         "ids": [o.job.id for o in ok], "attempts": [o.job.attempts for o in ok],
-                        "seconds": [o.seconds for o in ok], "worker": self.name}))
+                        "seconds": [o.seconds for o in ok], "worker": self.name}, prepare=_prepare(ok)))
                 if bad:
                     woken.append(self._conn.execute(sql.FAIL, {
                         "ids": [o.job.id for o in bad], "attempts": [o.job.attempts for o in bad],
                         "errors": [o.error[:MAX_ERROR_CHARS] for o in bad],
                         "delays": [retry_delay(o.job.attempts) for o in bad],
-                        "dead": [o.dead for o in bad], "seconds": [o.seconds for o in bad], "worker": self.name}))
+                        "dead": [o.dead for o in bad], "seconds": [o.seconds for o in bad], "worker": self.name},
+                        prepare=_prepare(bad)))
                 cur = self._claim(room) if claim else None
         except BaseException:
             self._results.extendleft(reversed(outcomes))  # record them after reconnecting
@@ -730,6 +731,18 @@ def _describe(exc: BaseException) -> str:
     text = text.replace("\x00", "\\0")  # PostgreSQL text cannot hold NUL
     # nor lone surrogates, which would fail the whole batch's round trip (UnicodeEncodeError)
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# PostgreSQL's generic plan for COMPLETE and FAIL cannot know how long the outcome arrays are, and
+# joins them to the jobs in a nested loop: quadratic, 50 us a job at 500 outcomes against 5 us with
+# a plan made for the actual arrays (a hash join). Planning costs about 0.4 ms, so small flushes
+# keep the prepared statement and large ones are planned afresh.
+PREPARED_PLAN_MAX_OUTCOMES = 32
+
+
+def _prepare(outcomes: list[Outcome]) -> bool | None:
+    """psycopg's `prepare=`: None lets it prepare the statement as usual, False plans this call alone."""
+    return None if len(outcomes) <= PREPARED_PLAN_MAX_OUTCOMES else False
 
 
 def _clip(text: str, limit: int) -> str:

@@ -5,7 +5,12 @@ import os
 import signal
 import socket
 
+import psycopg
+import pytest
+
+from dj import sql
 from tests.conftest import wait_for
+from tests.support_jobs import record
 from tests.support_reliability import RELIABILITY_ENV, gated, open_gate
 
 
@@ -62,3 +67,28 @@ def test_a_stalled_workers_late_success_and_failure_change_nothing(conn, worker_
     assert stats(conn) == (1, 1)
     assert sorted((m, at) for m, at, _ in starts(conn)) == [("x", 1), ("x", 2), ("y", 1), ("y", 2)]
     assert b.poll() is None
+
+
+@pytest.mark.parametrize("plan", ["force_generic_plan", "force_custom_plan"])
+@pytest.mark.parametrize("size", [4, 200])
+def test_a_flush_of_any_size_finishes_only_the_attempts_it_still_holds(db_url, conn, plan, size):
+    """The worker sends small flushes as prepared statements (a generic plan) and large ones planned
+    for their arrays (a custom plan); the fence must hold under both plans."""
+    ids = record.enqueue_many([(i,) for i in range(2 * size)])
+    conn.execute("UPDATE jobs SET locked_by = 'w', locked_at = now(), attempts = 1")
+    lost = set(ids[::2])  # reclaimed since: a later attempt, held by another worker
+    conn.execute("UPDATE jobs SET locked_by = 'other', attempts = 2 WHERE id = ANY(%s)", (list(lost),))
+    succeed, fail = ids[:size], ids[size:]
+    with psycopg.connect(db_url, autocommit=True) as w:
+        w.execute(f"SET plan_cache_mode = {plan}")
+        for _ in range(2):  # the second run uses the prepared statement
+            w.execute(sql.COMPLETE, {"ids": succeed, "attempts": [1] * size, "seconds": [0.01] * size,
+                                     "worker": "w"}, prepare=True).fetchall()
+            w.execute(sql.FAIL, {"ids": fail, "attempts": [1] * size, "errors": ["boom"] * size,
+                                 "delays": [60.0] * size, "dead": [False] * size, "seconds": [0.01] * size,
+                                 "worker": "w"}, prepare=True).fetchall()
+    rows = {i: (a, by, err) for i, a, by, err in conn.execute("SELECT id, attempts, locked_by, last_error FROM jobs")}
+    assert set(rows) == lost | (set(fail) - lost), "exactly the held successes were deleted"
+    assert all(rows[i] == (2, "other", None) for i in lost), "lost attempts were left alone"
+    assert all(rows[i] == (1, None, "boom") for i in set(fail) - lost), "held failures were recorded"
+    assert stats(conn) == (len(set(succeed) - lost), len(set(fail) - lost))
