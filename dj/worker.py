@@ -20,6 +20,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -68,6 +69,10 @@ MAX_CLAIMED_ARGS_BYTES = 2 * MAX_ARGS_BYTES
 def _load_job_json(data: bytes) -> Any:
     """json.loads for the worker's own connection, which reads jobs' args and kwargs: a row written
     by hand with enormous or absurdly nested JSON must fail that job, not the claim of a batch."""
+    if data == b"[]":  # most jobs: skip the decoder
+        return []
+    if data == b"{}":
+        return {}
     if len(data) > MAX_CLAIMED_ARGS_BYTES:
         return _Undecodable(f"arguments too large: {len(data) / 1e6:.1f} MB of JSON; the limit is "
                             f"{MAX_ARGS_BYTES / 1e6:g} MB")
@@ -316,8 +321,9 @@ class Worker:
                 woken = []  # queues with new work: batch callbacks, freed slots of limited queues
                 if ok:
                     woken.append(self._conn.execute(sql.COMPLETE, {
-                        "ids": [o.job.id for o in ok], "attempts": [o.job.attempts for o in ok],
-                        "seconds": [o.seconds for o in ok], "worker": self.name}, prepare=_prepare(ok)))
+                        "ids": _array_literal(o.job.id for o in ok),
+                        "attempts": _array_literal(o.job.attempts for o in ok),
+                        "seconds": _array_literal(o.seconds for o in ok), "worker": self.name}, prepare=_prepare(ok)))
                 if bad:
                     woken.append(self._conn.execute(sql.FAIL, {
                         "ids": [o.job.id for o in bad], "attempts": [o.job.attempts for o in bad],
@@ -743,6 +749,12 @@ PREPARED_PLAN_MAX_OUTCOMES = 32
 def _prepare(outcomes: list[Outcome]) -> bool | None:
     """psycopg's `prepare=`: None lets it prepare the statement as usual, False plans this call alone."""
     return None if len(outcomes) <= PREPARED_PLAN_MAX_OUTCOMES else False
+
+
+def _array_literal(numbers: Iterable[int | float]) -> str:
+    """A PostgreSQL array literal of numbers, for a parameter the statement casts (`%s::bigint[]`):
+    psycopg adapts a list element by element in Python, a fifth of the worker's time in a drain."""
+    return "{" + ",".join(map(repr, numbers)) + "}"
 
 
 def _clip(text: str, limit: int) -> str:
