@@ -141,8 +141,8 @@ def retry_dead(conn: psycopg.Connection, queue: str | None = None) -> int:
 
 
 def cancel(conn: psycopg.Connection, job_id: int) -> None:
-    """Delete a job that is not running."""
-    if conn.execute("DELETE FROM jobs WHERE id = %s AND locked_by IS NULL", (job_id,)).rowcount == 0:
+    """Delete a job that is not running. A job of a batch counts towards it as dead."""
+    if conn.execute(sql.CANCEL, {"id": job_id}).fetchone()[0] == 0:
         get_job(conn, job_id)
         raise DJError(f"job {job_id} is running; it cannot be cancelled")
 

@@ -226,7 +226,7 @@ def work(
     processes: Annotated[int, typer.Option("--processes", "-P", help="Worker processes.", min=1)] = 1,
     prefetch: Annotated[Optional[int], typer.Option(
         "--prefetch", help="Jobs claimed ahead of free threads, so one round trip serves many jobs "
-        "[default: the concurrency].", min=0)] = None,
+        "\\[default: the concurrency].", min=0)] = None,
     burst: Annotated[bool, typer.Option("--burst", help="Exit once no ready job is left (jobs:workoff).")] = False,
     min_priority: Annotated[Optional[int], typer.Option(
         "--min-priority", help="Claim only jobs with at least this priority.")] = None,
@@ -550,11 +550,11 @@ def db_url(database_url: DatabaseUrl = None) -> None:
 @app.command()
 def bench(
     jobs: Annotated[Optional[int], typer.Option("--jobs", help="No-op jobs per drain and bulk enqueue "
-                                                "[default: 10000; 2000 with --quick].", min=1)] = None,
+                                                "\\[default: 10000; 2000 with --quick].", min=1)] = None,
     processes: Annotated[str, typer.Option("--processes", "-P", help="Most worker processes (runs 1..P), "
                                            "or a list like 1,2.")] = "2",
     peers: Annotated[bool, typer.Option("--peers", help="Also run procrastinate and pgqueuer if installed "
-                                        "(pip install 'dj[bench]').")] = False,
+                                        "(pip install 'dj\\[bench]').")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="A small run, well under a minute.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     database_url: DatabaseUrl = None,

@@ -216,6 +216,25 @@ WITH batch_progress AS (
 SELECT queue, pg_notify('""" + NOTIFY_CHANNEL + """', queue) FROM callbacks
 """
 
+# Cancelling deletes a job that is not running. A live job of a batch counts towards it as dead,
+# so that its batch still completes (a dead job was counted when it died).
+CANCEL = """
+WITH cancelled AS (
+    DELETE FROM jobs WHERE id = %(id)s AND locked_by IS NULL
+    RETURNING batch_id, failed_at IS NULL AS live
+), batch_progress AS (
+    UPDATE batches AS b
+    SET dead = b.dead + 1,
+        finished_at = CASE WHEN b.succeeded + b.dead + 1 = b.total THEN now() END
+    FROM cancelled AS c
+    WHERE b.id = c.batch_id AND c.live
+    RETURNING b.*
+), """ + _ENQUEUE_BATCH_CALLBACKS + """, woken AS (
+    SELECT pg_notify('""" + NOTIFY_CHANNEL + """', queue) FROM callbacks
+)
+SELECT (SELECT count(*) FROM cancelled), (SELECT count(*) FROM woken)
+"""
+
 OPEN_BATCH = """
 INSERT INTO batches (on_complete, args, kwargs, queue, description)
 VALUES (%s, %s::jsonb, %s::jsonb, %s, %s)

@@ -1,6 +1,7 @@
 """Batches: the callback runs exactly once, when the last job succeeds or dies, and sees the counts."""
 
 import time
+from datetime import datetime, timezone
 
 import dj
 from tests.support_jobs import batch_done, fail, record, until, with_progress
@@ -30,6 +31,21 @@ def test_a_batch_whose_jobs_finished_before_it_closed_calls_back_at_close(conn, 
         assert callbacks(conn) == []
     run_burst()
     assert callbacks(conn) == ["callback:early:1/0/1"]
+
+
+def test_cancelling_a_waiting_job_counts_it_as_dead_so_the_batch_still_completes(conn, cli, run_burst):
+    later = time.time() + 3600
+    with dj.batch(on_complete=batch_done, args=["cancel"]) as b:
+        record.enqueue("now")
+        scheduled = record.using(run_at=datetime.fromtimestamp(later, timezone.utc)).enqueue("later")
+        dead = fail.using(max_attempts=1).enqueue("dies")
+    run_burst()
+    assert callbacks(conn) == []
+    assert cli("jobs", "cancel", str(dead)).returncode == 0  # counted when it died: not again
+    assert conn.execute("SELECT dead FROM batches WHERE id = %s", (b.id,)).fetchone()[0] == 1
+    assert cli("jobs", "cancel", str(scheduled)).returncode == 0
+    run_burst()
+    assert callbacks(conn) == ["callback:cancel:1/2/3"]
 
 
 def test_one_callback_when_the_last_two_jobs_finish_at_the_same_moment(conn, run_burst):

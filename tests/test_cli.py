@@ -269,7 +269,8 @@ def test_status_json_counts_every_state_per_queue(cli, conn):
 # --- help ---------------------------------------------------------------------------------------
 
 def test_help(cli):
-    results = run_parallel(cli, {"top": ("--help", WIDE), "work": ("work", "--help", WIDE)})
+    results = run_parallel(cli, {"top": ("--help", WIDE), "work": ("work", "--help", WIDE),
+                                 "bench": ("bench", "--help", WIDE)})
     text = ok(results["top"])
     for command in ("migrate", "enqueue", "work", "status", "jobs", "db", "counters"):
         assert re.search(rf"\b{command}\b", text), command
@@ -277,7 +278,10 @@ def test_help(cli):
     for option in ("--queues", "--concurrency", "--processes", "--burst", "--min-priority", "--max-priority",
                    "--lock-timeout", "--shutdown-timeout", "--database-url"):
         assert option in text, option
-    assert "DJ_LOCK_TIMEOUT" in text  # rich markup once swallowed the "[env DJ_LOCK_TIMEOUT ...]" hint
+    # Rich markup swallows unescaped "[...]" in help texts.
+    assert "[env DJ_LOCK_TIMEOUT; default 300]" in text and "[default: the concurrency]" in text
+    text = ok(results["bench"])
+    assert "pip install 'dj[bench]'" in text and "[default: 10000; 2000 with --quick]" in text
 
 
 # --- hostile strings ----------------------------------------------------------------------------

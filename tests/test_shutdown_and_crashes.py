@@ -3,6 +3,7 @@
 import os
 import signal
 
+import dj
 from tests.conftest import wait_for
 from tests.support_jobs import hang_first_attempt, record, sleep
 
@@ -93,3 +94,20 @@ def test_a_supervised_worker_that_cannot_reach_the_database_logs_one_line(tmp_pa
     assert "Traceback" not in child.stderr
     assert "worker process could not start: cannot connect to postgresql://bob:***@127.0.0.1:1" in child.stderr
     assert "s3cret" not in child.stderr
+
+
+def test_a_claim_whose_answer_was_lost_with_the_connection_is_handed_back(db_url, conn):
+    """The connection dropped after the database committed a claim but before the worker read it:
+    on reconnecting, the worker releases the rows locked in its name that it does not hold, with
+    the attempt undone, and keeps the ones it holds."""
+    held, lost_a, lost_b, other = record.enqueue_many([(i,) for i in range(4)])
+    conn.execute("UPDATE jobs SET locked_by = 'w-lost', locked_at = now(), attempts = 1 WHERE id <> %s", (other,))
+    conn.execute("UPDATE jobs SET locked_by = 'w-other', locked_at = now(), attempts = 1 WHERE id = %s", (other,))
+    worker = dj.Worker(queues=["default"], name="w-lost", database_url=db_url)
+    worker._held[held] = None  # what it holds is all that matters here: the ids
+    try:
+        assert worker._reconnect() is not None
+    finally:
+        worker._conn.close()
+    rows = dict((i, (by, a)) for i, by, a in conn.execute("SELECT id, locked_by, attempts FROM jobs"))
+    assert rows == {held: ("w-lost", 1), lost_a: (None, 0), lost_b: (None, 0), other: ("w-other", 1)}
