@@ -317,7 +317,11 @@ class Worker:
         ok = [o for o in outcomes if o.error is None]
         bad = [o for o in outcomes if o.error is not None]
         try:
-            with self._conn.pipeline():
+            # One transaction, so one WAL flush, for the claim and the outcomes. The claim goes first:
+            # the outcomes upsert job_stats rows that every worker shares, and their row locks are
+            # held until commit, so the claim must not run while this worker holds them.
+            with self._conn.pipeline(), self._conn.transaction():
+                cur = self._claim(room) if claim else None
                 woken = []  # queues with new work: batch callbacks, freed slots of limited queues
                 if ok:
                     woken.append(self._conn.execute(sql.COMPLETE, {
@@ -331,7 +335,6 @@ class Worker:
                         "delays": [retry_delay(o.job.attempts) for o in bad],
                         "dead": [o.dead for o in bad], "seconds": [o.seconds for o in bad], "worker": self.name},
                         prepare=_prepare(bad)))
-                cur = self._claim(room) if claim else None
         except BaseException:
             self._results.extendleft(reversed(outcomes))  # record them after reconnecting
             raise
@@ -351,11 +354,10 @@ class Worker:
         return len(rows)
 
     def _claim(self, room: int) -> psycopg.Cursor:
-        with self._conn.transaction():
-            self._conn.execute(sql.LOCK_LIMITED_QUEUES, {"queues": self.queues})
-            return self._conn.execute(sql.CLAIM, {
-                "queues": self.queues, "min_priority": self.min_priority, "max_priority": self.max_priority,
-                "limit": room, "worker": self.name})
+        self._conn.execute(sql.LOCK_LIMITED_QUEUES, {"queues": self.queues})
+        return self._conn.execute(sql.CLAIM, {
+            "queues": self.queues, "min_priority": self.min_priority, "max_priority": self.max_priority,
+            "limit": room, "worker": self.name})
 
     def _count(self, outcomes: list[Outcome]) -> None:
         for o in outcomes:

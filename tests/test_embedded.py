@@ -111,6 +111,9 @@ def test_url_starts_the_server_reuses_it_and_stop_stops_it(home):
     assert first and alive(first)
     with psycopg.connect(url) as c:
         assert c.execute("SELECT current_setting('data_directory')").fetchone()[0] == str(home / "pgdata")
+        # Tuned for a job queue's churn (dj/embedded.py); max_connections waits for a restart.
+        assert c.execute("SELECT current_setting('autovacuum_naptime'), current_setting('max_wal_size')"
+                         ).fetchone() == ("1s", "2GB")
 
     assert ok(dj_cli("db", "url", env=env)).strip() == url
     assert pidfile_pid(home) == first
@@ -125,6 +128,8 @@ def test_url_starts_the_server_reuses_it_and_stop_stops_it(home):
     again = pidfile_pid(home)
     assert again and again != first and alive(again)
     assert postmasters(home) == [again]
+    with psycopg.connect(url) as c:
+        assert c.execute("SELECT current_setting('max_connections')").fetchone()[0] == "200"
 
 
 def test_migrate_enqueue_work_status_on_the_embedded_server(home, conn):
