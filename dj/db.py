@@ -77,20 +77,37 @@ def transaction(url: str | None = None) -> Iterator[psycopg.Connection]:
 
     Jobs use this for their own queries; it saves a connection set-up per job.
     """
-    with pool(url).connection() as conn, conn.transaction():
+    with connection(url) as conn, conn.transaction():
         yield conn
+
+
+class _Pooled:
+    """A connection from the pool for a `with` block. The pool's own `connection()` also opens a
+    commit/rollback block on the connection and times the use; for dj's autocommit connections
+    that is dead weight, and every single enqueue pays it (measured: 8 us, 3% of an enqueue)."""
+
+    __slots__ = ("pool", "conn")
+
+    def __init__(self, p: ConnectionPool):
+        self.pool = p
+
+    def __enter__(self) -> psycopg.Connection:
+        self.conn = self.pool.getconn()
+        return self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.putconn(self.conn)  # a connection left in a transaction is rolled back by the pool
 
 
 def connection(url: str | None = None) -> ContextManager[psycopg.Connection]:
     """A pooled autocommit connection: each statement commits on its own, and `conn.transaction()`
     opens a transaction where you choose (with its isolation level, say)."""
-    return pool(url).connection()
+    return _Pooled(pool(url))
 
 
 def borrow(conn: psycopg.Connection | None = None, url: str | None = None) -> ContextManager[psycopg.Connection]:
     """The caller's connection as it is (their transaction decides), or a pooled autocommit one."""
-    # Plain context managers, not generators: every single enqueue passes through here.
-    return nullcontext(conn) if conn is not None else pool(url).connection()
+    return nullcontext(conn) if conn is not None else _Pooled(pool(url))
 
 
 def ensure_schema(conn: psycopg.Connection) -> None:

@@ -123,3 +123,13 @@ def test_bulk_enqueue_by_copy_in_a_rolled_back_transaction_leaves_nothing(db_url
         record.using(conn=tx).enqueue_many([(i,) for i in range(1500)])
         tx.rollback()
     assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+
+
+def test_a_pooled_connection_given_back_inside_a_transaction_is_rolled_back(conn):
+    with dj.connection() as pooled:
+        pooled.execute("BEGIN")
+        record.using(conn=pooled).enqueue("never committed")
+    with dj.connection() as again:
+        assert again.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert again.autocommit
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
