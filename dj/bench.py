@@ -12,6 +12,11 @@ then: a drain is timed from the commit of the `enqueue_many` that fills the queu
 wakes the workers) to the moment no job of the queue is left, so interpreter start-up is never
 counted.
 
+On a 2-core machine a 10,000-job drain takes a tenth of a second, and one slow fsync streak can
+halve it. So each drain, the plain-SQL ceiling and the bulk enqueue are the median of ROUNDS runs,
+single enqueues the median of alternating blocks, and the rebuild the median of REBUILD_ROUNDS
+rounds after a warm-up.
+
 Python API: `run_bench(jobs=10000, processes=(1, 2), peers=False, quick=False, progress=None)`
 returns the result document that `dj bench --json` prints.
 """
@@ -58,6 +63,7 @@ REBUILD_BATCH = 1_000
 REBUILD_PROCESSES = 2
 REBUILD_ROUNDS = 3  # measured, after one warm-up round; the figures are their medians
 RAW_BATCH = 100
+ROUNDS = 3  # the drains, the plain-SQL ceiling and the bulk enqueue are each the median of this many
 QUICK_PEER_JOBS = 1_000
 PEERS = ("procrastinate", "pgqueuer")
 
@@ -322,24 +328,27 @@ class _Bench:
     # --- enqueue ------------------------------------------------------------------------------
 
     def bulk_and_raw(self) -> tuple[float, float]:
+        """enqueue_many of `jobs` rows, then the plain-SQL loop draining them: each ROUNDS times,
+        medians (a drain of 10,000 rows takes well under a second, so one run is noise)."""
         q = self.queue("raw")
         target = noop.using(queue=q)
         target.enqueue_many([()] * 50)  # warm-up: pool connection, statement preparation
         self.conn.execute("DELETE FROM jobs WHERE queue = %s", (q,))
-        t = time.perf_counter()
-        target.enqueue_many([()] * self.jobs)
-        bulk = _rate(self.jobs, time.perf_counter() - t)
-
-        done = 0
+        bulk, raw = [], []
         with db.connect(self.url, autocommit=True) as conn:
-            t = time.perf_counter()
-            while True:
-                rows = conn.execute(RAW_CLAIM_DELETE, (q,)).fetchall()
-                if not rows:
-                    break
-                done += len(rows)
-            raw = _rate(done, time.perf_counter() - t)
-        return bulk, raw
+            for _ in range(ROUNDS):
+                t = time.perf_counter()
+                target.enqueue_many([()] * self.jobs)
+                bulk.append(_rate(self.jobs, time.perf_counter() - t))
+                done = 0
+                t = time.perf_counter()
+                while True:
+                    rows = conn.execute(RAW_CLAIM_DELETE, (q,)).fetchall()
+                    if not rows:
+                        break
+                    done += len(rows)
+                raw.append(_rate(done, time.perf_counter() - t))
+        return statistics.median(bulk), statistics.median(raw)
 
     def single(self) -> tuple[float, float, float]:
         """One job per enqueue() call, through dj's pool (a pooled connection, one statement with
@@ -357,7 +366,7 @@ class _Bench:
                 "own": own.enqueue,
                 "insert": lambda: conn.execute(BARE_INSERT, params).fetchone(),
             }
-            seconds = dict.fromkeys(contenders, 0.0)
+            rates: dict[str, list[float]] = {name: [] for name in contenders}
             for call in contenders.values():
                 for _ in range(20):  # warm-up: psycopg prepares a statement after a few runs
                     call()
@@ -366,9 +375,10 @@ class _Bench:
                     t = time.perf_counter()
                     for _ in range(per_block):
                         call()
-                    seconds[name] += time.perf_counter() - t
+                    rates[name].append(_rate(per_block, time.perf_counter() - t))
         self.conn.execute("DELETE FROM jobs WHERE queue = %s", (q,))
-        return tuple(_rate(per_block * blocks, seconds[name]) for name in ("pooled", "own", "insert"))
+        # Medians of the blocks: one slow fsync streak must not decide the figure.
+        return tuple(statistics.median(rates[name]) for name in ("pooled", "own", "insert"))
 
     # --- draining -----------------------------------------------------------------------------
 
@@ -402,8 +412,10 @@ class _Bench:
             raise DJError(f"{row[0]} bench job(s) failed: {error[-1] if error else 'no error recorded'}")
 
     def drain(self, pool: _WorkerPool, q: str, n: int) -> float:
-        self.fill_and_drain(pool, q, min(n, 200))  # warm-up: connections, prepared statements
-        return self.fill_and_drain(pool, q, n)
+        """The median of ROUNDS drains of n jobs, after a warm-up (connections, prepared statements,
+        the workers' buffer sized to the jobs)."""
+        self.fill_and_drain(pool, q, min(n, 500))
+        return statistics.median(self.fill_and_drain(pool, q, n) for _ in range(ROUNDS))
 
     # --- latency ------------------------------------------------------------------------------
 
