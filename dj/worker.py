@@ -38,7 +38,10 @@ log = logging.getLogger("dj.worker")
 
 MAX_ERROR_CHARS = 20_000
 BUFFER_SECONDS = 0.02
-MAX_PREFETCH_PER_THREAD = 64
+# The cap binds only for jobs under 0.15 ms. Each claim-and-finish cycle pays a commit (a WAL
+# flush), so bigger batches drain faster: with 8 threads, 32 -> 65k jobs/s, 64 -> 85k, 128 -> 97k
+# on 2 processes (256 gains nothing more).
+MAX_PREFETCH_PER_THREAD = 128
 DEFAULT_LOCK_TIMEOUT = 300.0
 
 
