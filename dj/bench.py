@@ -534,6 +534,9 @@ class _Bench:
                     ranges = counters.enqueue_rebuild(REBUILD_BATCH, table="all", queue=q)
                     batched_s = self.wait_rebuild(pool, conn, q) - t
                     correct &= not counters.check(conn, limit=1)
+                    # The batch's callback (a full counters check) runs now; it must not overlap
+                    # the next round's serial rebuild.
+                    self.wait_rebuild(pool, conn, q, pending_sql=PENDING)
                     if round_:
                         serial.append(serial_s)
                         batched.append(batched_s)
@@ -556,12 +559,13 @@ class _Bench:
         conn.execute("UPDATE questions SET answers_count = 0, approved_answers_count = 0")
         conn.execute("VACUUM ANALYZE questions, answers")
 
-    def wait_rebuild(self, pool: _WorkerPool, conn: psycopg.Connection, q: str) -> float:
+    def wait_rebuild(self, pool: _WorkerPool, conn: psycopg.Connection, q: str,
+                     pending_sql: str = REBUILD_PENDING) -> float:
         """When the last rebuild job is done. The batch's callback (a full counters check) runs
-        afterwards and is not part of the rebuild's time."""
+        afterwards and is not part of the rebuild's time (PENDING waits for it too)."""
         saved, self.conn = self.conn, conn
         try:
-            t1 = self.wait_empty(pool, q, 1, pending_sql=REBUILD_PENDING)
+            t1 = self.wait_empty(pool, q, 1, pending_sql=pending_sql)
             self.check_no_dead(q)
             return t1
         finally:
