@@ -1,8 +1,9 @@
 """Every statement the hot path runs: enqueue, claim, complete, fail, release, heartbeat, reap.
 
 The statements are written out in full so the whole protocol can be read in one place. psycopg
-prepares each of them after a few executions, and every one that touches many jobs takes arrays,
-so a batch of N jobs costs one round trip.
+prepares each of them after a few executions (except large flushes of COMPLETE and FAIL, whose
+generic plan is quadratic: see `dj.worker._prepare`), and every one that touches many jobs takes
+arrays, so a batch of N jobs costs one round trip.
 
 Rows are always found through the primary key (`id = ANY(...)`): joining a few hundred ids
 against the table otherwise tempts the planner into a sequential scan of the whole backlog.
