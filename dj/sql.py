@@ -123,9 +123,31 @@ _ENQUEUE_BATCH_CALLBACKS = """callbacks AS (
     RETURNING queue
 )"""
 
+
+
+def _stats_from(source: str, outcome: str) -> str:
+    """The `stats` CTE shared by COMPLETE and FAIL: add the (queue, seconds) rows of `source` to
+    job_stats as `outcome` ("succeeded" or "failed"), with their run time (sum and histogram).
+    Groups are upserted in queue order so two workers bumping the same buckets always lock them in
+    the same order and cannot deadlock."""
+    return f"""stats AS (
+    INSERT INTO job_stats AS s (bucket, queue, {outcome}, run_seconds,
+                                run_le_0_01, run_le_0_1, run_le_1, run_le_10, run_le_60)
+    SELECT date_bin('10 seconds', now(), timestamptz '2000-01-01'), queue, count(*), sum(seconds),
+           count(*) FILTER (WHERE seconds <= 0.01), count(*) FILTER (WHERE seconds <= 0.1),
+           count(*) FILTER (WHERE seconds <= 1), count(*) FILTER (WHERE seconds <= 10),
+           count(*) FILTER (WHERE seconds <= 60)
+    FROM {source} GROUP BY queue ORDER BY queue
+    ON CONFLICT (bucket, queue) DO UPDATE
+    SET {outcome} = s.{outcome} + EXCLUDED.{outcome}, run_seconds = s.run_seconds + EXCLUDED.run_seconds,
+        run_le_0_01 = s.run_le_0_01 + EXCLUDED.run_le_0_01, run_le_0_1 = s.run_le_0_1 + EXCLUDED.run_le_0_1,
+        run_le_1 = s.run_le_1 + EXCLUDED.run_le_1, run_le_10 = s.run_le_10 + EXCLUDED.run_le_10,
+        run_le_60 = s.run_le_60 + EXCLUDED.run_le_60
+)"""
+
+
 # Successes are deleted, as in DelayedJob, so the hot table holds only unfinished work; the count
-# and the run time (sum and histogram) go to job_stats. Groups are upserted in queue order so two workers bumping the same buckets
-# always lock them in the same order and cannot deadlock.
+# and the run time go to job_stats (see _stats_from).
 #
 # Batches: the statement that brings a batch's succeeded + dead up to its total is the one that
 # enqueues the callback. The batch row's lock serialises those updates, and an UPDATE that waited
@@ -141,20 +163,7 @@ WITH done AS (
     -- A finished job frees a slot of a limited queue: wake the workers that may be waiting for it.
     SELECT queue FROM queue_settings
     WHERE concurrency_limit IS NOT NULL AND queue IN (SELECT queue FROM done)
-), stats AS (
-    INSERT INTO job_stats AS s (bucket, queue, succeeded, run_seconds,
-                                run_le_0_01, run_le_0_1, run_le_1, run_le_10, run_le_60)
-    SELECT date_bin('10 seconds', now(), timestamptz '2000-01-01'), queue, count(*), sum(seconds),
-           count(*) FILTER (WHERE seconds <= 0.01), count(*) FILTER (WHERE seconds <= 0.1),
-           count(*) FILTER (WHERE seconds <= 1), count(*) FILTER (WHERE seconds <= 10),
-           count(*) FILTER (WHERE seconds <= 60)
-    FROM done GROUP BY queue ORDER BY queue
-    ON CONFLICT (bucket, queue) DO UPDATE
-    SET succeeded = s.succeeded + EXCLUDED.succeeded, run_seconds = s.run_seconds + EXCLUDED.run_seconds,
-        run_le_0_01 = s.run_le_0_01 + EXCLUDED.run_le_0_01, run_le_0_1 = s.run_le_0_1 + EXCLUDED.run_le_0_1,
-        run_le_1 = s.run_le_1 + EXCLUDED.run_le_1, run_le_10 = s.run_le_10 + EXCLUDED.run_le_10,
-        run_le_60 = s.run_le_60 + EXCLUDED.run_le_60
-), batch_progress AS (
+), """ + _stats_from("done", "succeeded") + """, batch_progress AS (
     UPDATE batches AS b
     SET succeeded = b.succeeded + n.count,
         finished_at = CASE WHEN b.succeeded + n.count + b.dead = b.total THEN now() END
@@ -179,20 +188,7 @@ WITH failed AS (
     WHERE jobs.id = ANY(%(ids)s::bigint[])
       AND jobs.id = f.id AND jobs.attempts = f.attempts AND jobs.locked_by = %(worker)s
     RETURNING jobs.queue, jobs.batch_id, f.dead, f.seconds
-), stats AS (
-    INSERT INTO job_stats AS s (bucket, queue, failed, run_seconds,
-                                run_le_0_01, run_le_0_1, run_le_1, run_le_10, run_le_60)
-    SELECT date_bin('10 seconds', now(), timestamptz '2000-01-01'), queue, count(*), sum(seconds),
-           count(*) FILTER (WHERE seconds <= 0.01), count(*) FILTER (WHERE seconds <= 0.1),
-           count(*) FILTER (WHERE seconds <= 1), count(*) FILTER (WHERE seconds <= 10),
-           count(*) FILTER (WHERE seconds <= 60)
-    FROM failed GROUP BY queue ORDER BY queue
-    ON CONFLICT (bucket, queue) DO UPDATE
-    SET failed = s.failed + EXCLUDED.failed, run_seconds = s.run_seconds + EXCLUDED.run_seconds,
-        run_le_0_01 = s.run_le_0_01 + EXCLUDED.run_le_0_01, run_le_0_1 = s.run_le_0_1 + EXCLUDED.run_le_0_1,
-        run_le_1 = s.run_le_1 + EXCLUDED.run_le_1, run_le_10 = s.run_le_10 + EXCLUDED.run_le_10,
-        run_le_60 = s.run_le_60 + EXCLUDED.run_le_60
-), batch_progress AS (
+), """ + _stats_from("failed", "failed") + """, batch_progress AS (
     UPDATE batches AS b
     SET dead = b.dead + n.count,
         finished_at = CASE WHEN b.succeeded + b.dead + n.count = b.total THEN now() END

@@ -48,88 +48,51 @@ COUNTERS = {
 
 TABLES = tuple(COUNTERS)
 
-# Each UPDATE repeats the range on its target: PostgreSQL does not carry a range through a
-# join, and without it the target table would be scanned in full for every batch.
+def _rebuild_statement(table: str) -> sql.Composed:
+    """One set-based UPDATE that sets `table`'s counters, for ids in [first, last], to the counts
+    of their children (0 for none), writing only the rows whose counters are wrong."""
+    counters = COUNTERS[table]
+    (child, key), = {(c, k) for _, c, k, _ in counters}  # a table's counters count one child table
+    columns = [sql.Identifier(column) for column, *_ in counters]
+    counts = sql.SQL(", ").join(
+        sql.SQL("count(*) FILTER (WHERE {}) AS {}").format(sql.Identifier(only), column) if only
+        else sql.SQL("count(*) AS {}").format(column)
+        for column, (*_, only) in zip(columns, counters)
+    )
+    # The range is repeated on the target: PostgreSQL does not carry a range through a join, and
+    # without it the target table would be scanned in full for every batch.
+    return sql.SQL(
+        """
+        UPDATE {table} AS t
+        SET {assign}, updated_at = now()
+        FROM (
+            SELECT p.id, {fresh}
+            FROM {table} AS p
+            LEFT JOIN (
+                SELECT {key} AS parent_id, {counts}
+                FROM {child}
+                WHERE {key} BETWEEN %(first)s AND %(last)s
+                GROUP BY {key}
+            ) AS c ON c.parent_id = p.id
+            WHERE p.id BETWEEN %(first)s AND %(last)s
+        ) AS fresh
+        WHERE t.id = fresh.id
+          AND t.id BETWEEN %(first)s AND %(last)s
+          AND ({current}) <> ({wanted})
+        """
+    ).format(
+        table=sql.Identifier(table),
+        child=sql.Identifier(child),
+        key=sql.Identifier(key),
+        counts=counts,
+        assign=sql.SQL(", ").join(sql.SQL("{0} = fresh.{0}").format(c) for c in columns),
+        fresh=sql.SQL(", ").join(sql.SQL("coalesce(c.{0}, 0) AS {0}").format(c) for c in columns),
+        current=sql.SQL(", ").join(sql.SQL("t.{}").format(c) for c in columns),
+        wanted=sql.SQL(", ").join(sql.SQL("fresh.{}").format(c) for c in columns),
+    )
 
-REBUILD = {
-    "users": """
-        UPDATE users AS u
-        SET orders_count = fresh.orders_count, updated_at = now()
-        FROM (
-            SELECT users.id, coalesce(c.n, 0) AS orders_count
-            FROM users
-            LEFT JOIN (
-                SELECT user_id, count(*) AS n
-                FROM orders
-                WHERE user_id BETWEEN %(first)s AND %(last)s
-                GROUP BY user_id
-            ) AS c ON c.user_id = users.id
-            WHERE users.id BETWEEN %(first)s AND %(last)s
-        ) AS fresh
-        WHERE u.id = fresh.id
-          AND u.id BETWEEN %(first)s AND %(last)s
-          AND u.orders_count <> fresh.orders_count
-    """,
-    "items": """
-        UPDATE items AS i
-        SET orders_count = fresh.orders_count, updated_at = now()
-        FROM (
-            SELECT items.id, coalesce(c.n, 0) AS orders_count
-            FROM items
-            LEFT JOIN (
-                SELECT item_id, count(*) AS n
-                FROM order_items
-                WHERE item_id BETWEEN %(first)s AND %(last)s
-                GROUP BY item_id
-            ) AS c ON c.item_id = items.id
-            WHERE items.id BETWEEN %(first)s AND %(last)s
-        ) AS fresh
-        WHERE i.id = fresh.id
-          AND i.id BETWEEN %(first)s AND %(last)s
-          AND i.orders_count <> fresh.orders_count
-    """,
-    "orders": """
-        UPDATE orders AS o
-        SET items_count = fresh.items_count, updated_at = now()
-        FROM (
-            SELECT orders.id, coalesce(c.n, 0) AS items_count
-            FROM orders
-            LEFT JOIN (
-                SELECT order_id, count(*) AS n
-                FROM order_items
-                WHERE order_id BETWEEN %(first)s AND %(last)s
-                GROUP BY order_id
-            ) AS c ON c.order_id = orders.id
-            WHERE orders.id BETWEEN %(first)s AND %(last)s
-        ) AS fresh
-        WHERE o.id = fresh.id
-          AND o.id BETWEEN %(first)s AND %(last)s
-          AND o.items_count <> fresh.items_count
-    """,
-    "questions": """
-        UPDATE questions AS q
-        SET answers_count = fresh.answers_count,
-            approved_answers_count = fresh.approved_answers_count,
-            updated_at = now()
-        FROM (
-            SELECT questions.id,
-                   coalesce(c.n, 0) AS answers_count,
-                   coalesce(c.approved, 0) AS approved_answers_count
-            FROM questions
-            LEFT JOIN (
-                SELECT question_id, count(*) AS n, count(*) FILTER (WHERE approved) AS approved
-                FROM answers
-                WHERE question_id BETWEEN %(first)s AND %(last)s
-                GROUP BY question_id
-            ) AS c ON c.question_id = questions.id
-            WHERE questions.id BETWEEN %(first)s AND %(last)s
-        ) AS fresh
-        WHERE q.id = fresh.id
-          AND q.id BETWEEN %(first)s AND %(last)s
-          AND (q.answers_count, q.approved_answers_count)
-              <> (fresh.answers_count, fresh.approved_answers_count)
-    """,
-}
+
+REBUILD = {table: _rebuild_statement(table) for table in TABLES}
 
 
 def _table(table: str) -> str:
