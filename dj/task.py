@@ -109,7 +109,20 @@ class Enqueuer:
 
     def enqueue(self, *args: Any, **kwargs: Any) -> int:
         """Insert one job and return its id; if its unique key is held, the holder's id."""
-        return self._enqueue([(args, kwargs)])[0]
+        o = self.options
+        if o.unique_key is not None or o.unique:
+            return self._enqueue([(args, kwargs)])[0]
+        # The common case, kept short because a web request pays for it: one INSERT that cannot
+        # conflict, so none of the holder look-up that unique keys need.
+        _check_priority(o.priority)
+        args_json, kwargs_json = to_json(args, "args"), to_json(kwargs, "kwargs")
+        _check_size(args_json, kwargs_json)
+        batch = current_batch()
+        with db.borrow(o.conn) as conn:
+            job_id = conn.execute(sql.ENQUEUE_ONE, self._row(args_json, kwargs_json, None, batch.id if batch else None)).fetchone()[0]
+        if batch:
+            batch.total += 1
+        return job_id
 
     def enqueue_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]]) -> list[int]:
         """Enqueue one job per item, in one round trip. An item is an args tuple or a kwargs dict."""
@@ -149,6 +162,13 @@ class Enqueuer:
                 pending = [i for key, i in held.items() if key not in holders]
         return [ids[i] for i in range(len(rows))]
 
+    def _row(self, args_json: str, kwargs_json: str, key: str | None, batch_id: int | None) -> dict[str, Any]:
+        """The parameters of ENQUEUE_ONE."""
+        o = self.options
+        return {"queue": o.queue, "priority": o.priority, "task": self.name, "args": args_json, "kwargs": kwargs_json,
+                "run_at": o.run_at, "max_attempts": o.max_attempts, "timeout": o.timeout, "unique_key": key,
+                "batch_id": batch_id}
+
     def _insert(self, conn: psycopg.Connection, rows: list[tuple[str, str, str | None]],
                 batch_id: int | None) -> list[int | None]:
         """Insert rows (and NOTIFY) with one statement. Returns each row's new id, or None where its
@@ -156,13 +176,12 @@ class Enqueuer:
         o = self.options
         if len(rows) >= COPY_AT and all(key is None for _, _, key in rows):
             return self._copy(conn, rows, batch_id)
-        params = {"queue": o.queue, "priority": o.priority, "task": self.name, "run_at": o.run_at,
-                  "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id}
         if len(rows) == 1:
-            params["args"], params["kwargs"], params["unique_key"] = rows[0]
-            inserted = conn.execute(sql.ENQUEUE_ONE, params).fetchone()
+            inserted = conn.execute(sql.ENQUEUE_ONE, self._row(*rows[0], batch_id)).fetchone()
             return [inserted[0] if inserted else None]
-        params |= {"args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows]}
+        params = {"queue": o.queue, "priority": o.priority, "task": self.name, "run_at": o.run_at,
+                  "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
+                  "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows]}
         cur = conn.execute(sql.ENQUEUE, params)
         # Identity values are drawn in input order, so the inserted rows, sorted by id, line up
         # with the input rows that were not skipped.

@@ -43,6 +43,18 @@ def test_arguments_that_are_not_json_raise_type_error_and_write_nothing(conn, ba
     assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
 
 
+def test_arguments_over_the_size_limit_are_refused_and_write_nothing(conn):
+    big = "x" * (dj.task.MAX_ARGS_BYTES + 1)
+    with pytest.raises(ValueError, match="pass a reference"):
+        record.enqueue(big)
+    with pytest.raises(ValueError, match="pass a reference"):
+        record.enqueue(marker=big)
+    with pytest.raises(ValueError, match="pass a reference"):
+        record.enqueue_many([(1,), (big,)])
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+    assert record.enqueue("x" * (dj.task.MAX_ARGS_BYTES // 2))  # under the limit: accepted
+
+
 def test_enqueue_in_a_rolled_back_transaction_leaves_no_job(db_url, conn):
     with psycopg.connect(db_url) as tx:
         record.using(conn=tx).enqueue("ghost")
