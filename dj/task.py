@@ -207,7 +207,7 @@ class Enqueuer:
         # On dj's own (autocommit) connection the COPY gets a transaction of its own; a caller's
         # connection is left to the caller's transaction, as with every enqueue.
         with conn.transaction() if conn.autocommit else nullcontext():
-            ids = [r[0] for r in conn.execute(sql.DRAW_JOB_IDS, (len(rows),))]
+            ids = [r[0] for r in conn.execute(sql.DRAW_JOB_IDS, (len(rows),)).fetchall()]
             fixed = {"queue": o.queue, "priority": o.priority, "task": self.name, "max_attempts": o.max_attempts,
                      "run_at": o.run_at, "timeout": o.timeout, "batch_id": batch_id}
             fixed = {k: v for k, v in fixed.items() if v is not None}

@@ -204,14 +204,11 @@ def insert_orders(conn: psycopg.Connection, count: int, slow: bool = False) -> i
 
     with conn.transaction():
         # Ids are taken from the identity's sequence up front so that the order_items
-        # rows can reference their orders within the same COPY-only transaction.
+        # rows can reference their orders within the same COPY-only transaction. The sequence
+        # is named: pg_get_serial_sequence() inside nextval() would run once per row.
         order_ids = [
             row[0]
-            for row in conn.execute(
-                "SELECT nextval(pg_get_serial_sequence('orders', 'id'))"
-                " FROM generate_series(1, %s)",
-                (count,),
-            )
+            for row in conn.execute("SELECT nextval('orders_id_seq') FROM generate_series(1, %s)", (count,))
         ]
         baskets = [basket() for _ in order_ids]
         _copy(

@@ -128,6 +128,9 @@ def test_bulk_enqueue_by_copy_keeps_order_options_and_sends_one_notify(db_url, c
     assert [r[1] for r in rows] == [[i] for i in range(n)]
     assert {(r[2], r[3], r[5], r[6]) for r in rows} == {("bulk", 4, 9.0, b.id)}
     assert all(abs((r[4] - when).total_seconds()) < 0.001 for r in rows)
+    # COPY's ids come from the identity column's own sequence: the next job follows them.
+    assert record.enqueue("after") > ids[-1]
+    assert record.enqueue_many([(i,) for i in range(n)])[0] > ids[-1]
 
 
 def test_bulk_enqueue_by_copy_in_a_rolled_back_transaction_leaves_nothing(db_url, conn):
