@@ -79,6 +79,8 @@ ORDER BY queue
 # Then keep the best `limit` over all queues. A per-queue LATERAL keeps every index read ordered
 # and short: a plain `queue = ANY(...)` would make PostgreSQL sort every ready row of those queues
 # on every claim. Rows locked by a lateral but cut by the outer LIMIT are unlocked at commit.
+# It returns args and kwargs as text and run_at as epoch seconds: cheaper for the worker to
+# decode than jsonb and timestamptz (see worker._load_job_json).
 CLAIM = """
 WITH open_queues AS (
     SELECT q.name,
@@ -110,8 +112,8 @@ WITH open_queues AS (
 UPDATE jobs
 SET locked_by = %(worker)s, locked_at = now(), attempts = jobs.attempts + 1
 WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))
-RETURNING jobs.id, jobs.task, jobs.args, jobs.kwargs, jobs.attempts, jobs.max_attempts,
-          jobs.timeout, jobs.queue, jobs.priority, jobs.run_at
+RETURNING jobs.id, jobs.task, jobs.args::text, jobs.kwargs::text, jobs.attempts, jobs.max_attempts,
+          jobs.timeout, jobs.queue, jobs.priority, date_part('epoch', jobs.run_at)
 """
 
 # --- finish an attempt ---------------------------------------------------------------------------
