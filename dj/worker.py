@@ -89,7 +89,7 @@ def _load_job_json(data: str) -> Any:
         return _Undecodable(f"arguments could not be decoded: {_clip(str(exc), 200)}")
 
 
-@dataclass
+@dataclass(slots=True)
 class Claimed:
     id: int
     task: str
@@ -181,6 +181,9 @@ class Worker:
         self._connect_timeout = max(2, int(min(dead_after, 10)))
 
         self._held: dict[int, Claimed] = {}
+        # The held jobs with a timeout: most jobs have none, and the timeout checks need not look
+        # at a thousand quick jobs per cycle.
+        self._timed: dict[int, Claimed] = {}
         self._todo: queue_mod.SimpleQueue[Claimed | None] = queue_mod.SimpleQueue()
         self._results: deque[Outcome] = deque()
         # Attempts that timed out while their thread still runs them, by (id, attempts).
@@ -355,9 +358,11 @@ class Worker:
         if len(rows) == room or woke:
             self._more_ready = True
         rows.sort(key=lambda r: (r[8], r[9], r[0]))
-        for job_id, task, args, kwargs, *rest in rows:
-            job = Claimed(job_id, task, _load_job_json(args), _load_job_json(kwargs), *rest)
+        for r in rows:
+            job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
             self._held[job.id] = job
+            if job.timeout or self.default_timeout:
+                self._timed[job.id] = job
             self._todo.put(job)
         return len(rows)
 
@@ -392,11 +397,11 @@ class Worker:
             return self.flush_interval
         wait = self.poll_interval
         now = time.monotonic()
-        for job in list(self._held.values()):
+        for job in self._timed_jobs():
             limit = self._timeout_of(job)
-            if limit and job.started is not None:
+            if job.started is not None:
                 wait = min(wait, max(0.01, job.started + limit - now))
-            elif limit:  # it may start any moment (nothing wakes us then): keep its timeout tight
+            else:  # it may start any moment (nothing wakes us then): keep its timeout tight
                 wait = min(wait, max(0.05, limit / 10))
         for job in list(self._abandoned.values()):  # when they will count as stuck (_all_stuck)
             stuck_at = job.started + 2 * self._timeout_of(job)
@@ -453,16 +458,23 @@ class Worker:
     def _timeout_of(self, job: Claimed) -> float | None:
         return job.timeout or self.default_timeout
 
+    def _timed_jobs(self) -> list[Claimed]:
+        """The held jobs that have a timeout. Jobs no longer held are dropped here, lazily, rather
+        than at each of the places that stop holding a job."""
+        for job_id, job in list(self._timed.items()):
+            if self._held.get(job_id) is not job:
+                del self._timed[job_id]
+        return list(self._timed.values())
+
     def _enforce_timeouts(self) -> None:
-        # Every cycle would be a scan of every held job per round trip, a few hundred a second in
-        # a drain of quick jobs; timeouts are seconds long, so a scan every 50 ms is precise enough.
+        # Timeouts are seconds long: a scan every 50 ms, not every cycle, is precise enough.
         now = time.monotonic()
         if now < self._timeouts_checked_at + TIMEOUT_CHECK_INTERVAL:
             return
         self._timeouts_checked_at = now
-        for job in list(self._held.values()):
+        for job in self._timed_jobs():
             limit = self._timeout_of(job)
-            if limit and job.started is not None and now - job.started > limit:
+            if job.started is not None and now - job.started > limit:
                 with self._abandon_lock:
                     if job.finished or (job.id, job.attempts) in self._abandoned:
                         continue
