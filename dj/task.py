@@ -163,7 +163,7 @@ class Enqueuer:
         return [ids[i] for i in range(len(rows))]
 
     def _row(self, args_json: str, kwargs_json: str, key: str | None, batch_id: int | None) -> dict[str, Any]:
-        """The parameters of ENQUEUE_ONE."""
+        """The parameters of ENQUEUE_ONE and ENQUEUE_ONE_UNIQUE."""
         o = self.options
         return {"queue": o.queue, "priority": o.priority, "task": self.name, "args": args_json, "kwargs": kwargs_json,
                 "run_at": o.run_at, "max_attempts": o.max_attempts, "timeout": o.timeout, "unique_key": key,
@@ -177,7 +177,8 @@ class Enqueuer:
         if len(rows) >= COPY_AT and all(key is None for _, _, key in rows):
             return self._copy(conn, rows, batch_id)
         if len(rows) == 1:
-            inserted = conn.execute(sql.ENQUEUE_ONE, self._row(*rows[0], batch_id)).fetchone()
+            statement = sql.ENQUEUE_ONE if rows[0][2] is None else sql.ENQUEUE_ONE_UNIQUE
+            inserted = conn.execute(statement, self._row(*rows[0], batch_id)).fetchone()
             return [inserted[0] if inserted else None]
         params = {"queue": o.queue, "priority": o.priority, "task": self.name, "run_at": o.run_at,
                   "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,

@@ -1,4 +1,4 @@
-"""Room on each jobs page for a claimed row's new version, and no truncation by vacuum
+"""Room on each jobs page for a claimed row's new version
 
 Revision ID: 0007_jobs_page_room
 Revises: 0006_run_time
@@ -20,12 +20,8 @@ def upgrade() -> None:
     # at 50 it is 1.1, the drain writes 423 bytes of WAL per job instead of 518, and 2 worker
     # processes drained about 10% faster. The table is at most twice as big for the same backlog,
     # and rows live for seconds.
-    #
-    # Vacuum truncating the empty tail of the table needs an ACCESS EXCLUSIVE lock, which stalls
-    # every claim while it is held; a queue's tail fills again within seconds anyway.
-    op.execute("ALTER TABLE jobs SET (fillfactor = 50, vacuum_truncate = false)")
+    op.execute("ALTER TABLE jobs SET (fillfactor = 50)")
 
 
 def downgrade() -> None:
     op.execute("ALTER TABLE jobs SET (fillfactor = 90)")
-    op.execute("ALTER TABLE jobs RESET (vacuum_truncate)")
