@@ -361,7 +361,7 @@ class Worker:
         for r in rows:
             job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
             self._held[job.id] = job
-            if job.timeout or self.default_timeout:
+            if self._timeout_of(job):
                 self._timed[job.id] = job
             self._todo.put(job)
         return len(rows)
@@ -777,8 +777,8 @@ def _prepare(outcomes: list[Outcome]) -> bool | None:
     return None if len(outcomes) <= PREPARED_PLAN_MAX_OUTCOMES else False
 
 
-def _array_literal(numbers: Iterable[int | float]) -> str:
-    """A PostgreSQL array literal of numbers, for a parameter the statement casts (`%s::bigint[]`):
+def _array_literal(numbers: Iterable[int]) -> str:
+    """A PostgreSQL array literal of integers, for a parameter the statement casts (`%s::bigint[]`):
     psycopg adapts a list element by element in Python, a fifth of the worker's time in a drain."""
     return "{" + ",".join(map(repr, numbers)) + "}"
 
