@@ -68,6 +68,13 @@ def to_json(value: Any, what: str) -> str:
         raise TypeError(f"job {what} must be JSON-serialisable: {exc}") from None
 
 
+def _arguments_json(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, str]:
+    """A job's args and kwargs as JSON, within the size limit."""
+    args_json, kwargs_json = to_json(args, "args"), to_json(kwargs, "kwargs")
+    _check_size(args_json, kwargs_json)
+    return args_json, kwargs_json
+
+
 @dataclass(frozen=True)
 class Options:
     queue: str = "default"
@@ -115,8 +122,7 @@ class Enqueuer:
         # The common case, kept short because a web request pays for it: one INSERT that cannot
         # conflict, so none of the holder look-up that unique keys need.
         _check_priority(o.priority)
-        args_json, kwargs_json = to_json(args, "args"), to_json(kwargs, "kwargs")
-        _check_size(args_json, kwargs_json)
+        args_json, kwargs_json = _arguments_json(args, kwargs)
         batch = current_batch()
         with db.borrow(o.conn) as conn:
             job_id = conn.execute(sql.ENQUEUE_ONE, self._row(args_json, kwargs_json, None, batch.id if batch else None)).fetchone()[0]
@@ -133,10 +139,7 @@ class Enqueuer:
     def _enqueue(self, calls: list[tuple[Sequence[Any], dict[str, Any]]]) -> list[int]:
         o = self.options
         _check_priority(o.priority)
-        rows = [(to_json(list(args), "args"), to_json(kwargs, "kwargs"), _key_from_args(o, self.name, args, kwargs))
-                for args, kwargs in calls]
-        for args_json, kwargs_json, _ in rows:
-            _check_size(args_json, kwargs_json)
+        rows = [(*_arguments_json(args, kwargs), _key_from_args(o, self.name, args, kwargs)) for args, kwargs in calls]
         if not rows:
             return []
         batch = current_batch()
