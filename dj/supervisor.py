@@ -11,9 +11,11 @@ import sys
 import time
 from typing import Any
 
+import psycopg
+
 from . import db, logs
 from .errors import DJError, WorkerStuck
-from .worker import Worker
+from .worker import Worker, _first_line
 
 log = logging.getLogger("dj.supervisor")
 
@@ -53,10 +55,12 @@ def child_main() -> None:
         # Its stuck threads cannot be joined: leave at once, with the code that asks for a replacement.
         logging.shutdown()
         os._exit(EXIT_STUCK)
-    except DJError as exc:
-        # Typically a replacement started while the database is down. One line, not a traceback;
-        # the supervisor starts another one after its back-off.
-        log.warning("worker process could not start: %s", exc)
+    except (DJError, psycopg.OperationalError) as exc:
+        # Typically a replacement started while the database is down, or going down: it cannot
+        # connect (DJError), or its connection is cut during start-up (OperationalError; once
+        # started, the worker rides out outages itself). One line, not a traceback; the
+        # supervisor starts another one after its back-off.
+        log.warning("worker process could not start: %s", _first_line(exc))
         logging.shutdown()
         sys.exit(1)
 

@@ -96,6 +96,31 @@ def test_a_supervised_worker_that_cannot_reach_the_database_logs_one_line(tmp_pa
     assert "s3cret" not in child.stderr
 
 
+def test_a_supervised_worker_whose_connection_fails_during_start_up_logs_one_line(db_url, conn):
+    """As when the server goes down just after a replacement connected: a database error in the
+    middle of start-up (here its registration times out on a lock) is one line, not a traceback."""
+    import json
+    import subprocess
+    import sys
+
+    from psycopg import conninfo
+
+    from tests.conftest import ROOT
+
+    url = conninfo.make_conninfo(db_url, options="-c lock_timeout=50")
+    spec = {"options": {"queues": ["default"], "concurrency": 1, "database_url": url},
+            "burst": True, "log_level": 20, "log_format": "text"}
+    with conn.transaction():
+        conn.execute("LOCK TABLE workers IN ACCESS EXCLUSIVE MODE")
+        child = subprocess.run([sys.executable, "-c", "from dj.supervisor import child_main; child_main()"],
+                               env={**os.environ, "DJ_WORKER_OPTIONS": json.dumps(spec)}, cwd=ROOT,
+                               capture_output=True, text=True, timeout=60)
+    assert child.returncode == 1
+    assert "Traceback" not in child.stderr, child.stderr
+    assert "worker process could not start: canceling statement due to lock timeout" in child.stderr, child.stderr
+    assert len(child.stderr.strip().splitlines()) == 1, child.stderr
+
+
 def test_a_claim_whose_answer_was_lost_with_the_connection_is_handed_back(db_url, conn):
     """The connection dropped after the database committed a claim but before the worker read it:
     on reconnecting, the worker releases the rows locked in its name that it does not hold, with
