@@ -445,7 +445,7 @@ def measure(bench: Any) -> dict[str, Any]:
         except ImportError:
             pass
     if not found:
-        bench.notes.append("peers: none of procrastinate, pgqueuer, oban is installed (pip install 'dj[bench]')")
+        bench.notes.append("peers: none of procrastinate, pgqueuer, oban is installed (pip install 'djq[bench]')")
         return {}
     try:
         url = bench.scratch()

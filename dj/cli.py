@@ -554,7 +554,7 @@ def bench(
     processes: Annotated[str, typer.Option("--processes", "-P", help="Most worker processes (runs 1..P), "
                                            "or a list like 1,2.")] = "2",
     peers: Annotated[bool, typer.Option("--peers", help="Also run procrastinate, pgqueuer and oban-py (Python >= 3.12) if installed "
-                                        "(pip install 'dj\\[bench]').")] = False,
+                                        "(pip install 'djq\\[bench]').")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="A small run, well under a minute.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     database_url: DatabaseUrl = None,
