@@ -26,6 +26,15 @@ from dj.pytest_plugin import empty_tables  # noqa: E402
 from tests.support_jobs import RUNS_DDL  # noqa: E402
 
 
+def pytest_configure(config):
+    # dj's plugin comes from its pytest11 entry point; a venv installed before the entry point
+    # existed lacks it until `pip install -e .` runs again, and these tests need its fixtures.
+    if not config.pluginmanager.has_plugin("dj") and not config.pluginmanager.is_blocked("dj"):
+        import dj.pytest_plugin
+
+        config.pluginmanager.register(dj.pytest_plugin, "dj")
+
+
 @pytest.fixture(scope="session")
 def db_url(dj_database_url):
     """The session's database (dj's pytest plugin creates, migrates and drops it), with the table
