@@ -111,9 +111,8 @@ class ThreadExecutor:
         task = lookup(job.task)
         if task is None:
             return unknown_task(job)
-        bad = malformed(job)
-        if bad is not None:
-            return Outcome(job, bad, dead=True)
+        if not isinstance(job.args, list) or not isinstance(job.kwargs, dict):
+            return Outcome(job, malformed(job), dead=True)
         token = _set_current(JobContext(job.id, job.task, job.queue, job.attempts, self.name))
         try:
             task.fn(*job.args, **job.kwargs)

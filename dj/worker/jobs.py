@@ -87,7 +87,8 @@ def _load_job_json(data: str) -> Any:
 
 
 def malformed(job: Claimed) -> str | None:
-    """Why a claimed job cannot be called (its arguments), or None."""
+    """Why a claimed job cannot be called (its arguments), or None. Callers check first that args
+    is a list and kwargs a dict, the common case, and call this only when one is not."""
     for value in (job.args, job.kwargs):
         if isinstance(value, _Undecodable):
             return f"malformed job: {value.reason}"
