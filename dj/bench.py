@@ -43,6 +43,7 @@ from psycopg import sql as pgsql
 
 from . import config, db
 from .context import current_job
+from . import bench_async
 from .bench_peers import PEERS, log_tail
 from .errors import DJError
 from .task import job
@@ -230,7 +231,7 @@ class _Bench:
         self.notes: list[str] = []
         soak_rounds = math.ceil(soak_jobs / self.soak_round) if soak_jobs else 0
         # setup, bulk, single, drains, latency, soak rounds, rebuild steps, peers, cleanup
-        total = 3 + len(processes) + 1 + soak_rounds + 1 + 2 * (REBUILD_ROUNDS + 1) + (len(PEERS) * (1 + len(processes)) if peers else 0) + 1
+        total = 3 + len(processes) + (bench_async.PROCESSES in processes) + 1 + soak_rounds + 1 + 2 * (REBUILD_ROUNDS + 1) + (len(PEERS) * (1 + len(processes)) if peers else 0) + 1
         self.steps = _Steps(progress, total)
 
     def queue(self, part: str) -> str:
@@ -259,6 +260,9 @@ class _Bench:
                 q = self.queue(f"p{p}")
                 with _WorkerPool(self.url, [q], p) as pool:
                     result["drain_per_s"][str(p)] = self.drain(pool, q, self.jobs)
+                    if p == bench_async.PROCESSES:
+                        self.steps.start(f"drain {self.jobs:,} async jobs with {p} processes, alternating with sync")
+                        result["drain_async"] = bench_async.measure(self, pool, q)
                     if p == 1:
                         self.steps.start(f"latency: {LATENCY_RATE} enqueues/s for {self.latency_s:g} s")
                         result["latency_ms"] = self.latency(pool, q)
@@ -614,7 +618,7 @@ def run_bench(jobs: int | None = None, processes: Iterable[int] = (1, 2), peers:
     # The key order first, then the rest.
     order = ["raw_ceiling_per_s", "enqueue_single_per_s", "enqueue_single_own_conn_per_s", "insert_single_per_s",
              "enqueue_bulk_per_s",
-             "drain_per_s", "latency_ms", "soak", "rebuild", "peers", "machine", "config", "notes", "elapsed_s"]
+             "drain_per_s", "drain_async", "latency_ms", "soak", "rebuild", "peers", "machine", "config", "notes", "elapsed_s"]
     return _finite({k: doc[k] for k in order if k in doc} | {k: v for k, v in doc.items() if k not in order})
 
 
@@ -672,6 +676,8 @@ def table(doc: dict[str, Any]):
             goal = f">= 12,000/s, >= 50% of ceiling ({_pct(share)})"
             ok = _num(rate) and rate >= 12_000 and share is not None and share >= 0.5
         t.add_row(f"drain, {p} process{'es' if p != '1' else ''}", _n(rate), goal, _mark(ok))
+        if p == str(bench_async.PROCESSES) and (row := bench_async.row(doc)):
+            t.add_row(*row[:3], _mark(row[3]))
     bulk = doc["enqueue_bulk_per_s"]
     t.add_row("enqueue_many (bulk)", _n(bulk), ">= 100,000/s", _mark(_num(bulk) and bulk >= 100_000))
     insert = doc["insert_single_per_s"]
