@@ -204,9 +204,15 @@ class ThreadExecutor:
 class AsyncExecutor:
     """Runs coroutine jobs on an event loop of the worker's own, started with the first async job.
 
-    Threads: the producer submits jobs (under `_lock`, into `_pending`); the loop thread starts up to
-    `concurrency` of them as asyncio tasks, each in a context of its own (so `dj.current_job()` is
-    the job's), and appends their outcomes; the watchdog thread looks at the loop's heartbeat."""
+    Threads: the producer submits jobs (under `_lock`, into `_pending`); on the loop, up to
+    `concurrency` runner tasks take pending jobs one after another and append their outcomes; the
+    watchdog thread looks at the loop's heartbeat.
+
+    A runner is an asyncio task that runs jobs in turn, `await`ing each one directly, rather than
+    a task per job: a job that never suspends (a no-op, a cache hit) then costs no trip through
+    the loop's scheduler. Runners start when jobs arrive and end when none is pending. As in a
+    runner thread, `dj.current_job()` is set around each job, and the asyncio tasks a job creates
+    inherit it."""
 
     def __init__(self, worker: "Worker"):
         self.concurrency = worker.async_concurrency
@@ -214,12 +220,12 @@ class AsyncExecutor:
         self.log_jobs = worker.log_jobs
         self.default_timeout = worker.default_timeout
         self._spawn = worker._spawn
-        self._held = worker._held
         self._results = worker._results
         self._wake = worker._wake
         self._lock = threading.Lock()
         self._pending: deque[Claimed] = deque()  # claimed, not started (guarded by _lock)
-        self._running: dict[int, asyncio.Task] = {}  # by job id; the loop thread's
+        self._running: dict[asyncio.Task, Claimed] = {}  # each runner's job; the loop thread's
+        self._runners = 0
         self._timed_out: set[int] = set()  # job ids whose timeout cancelled them; the loop thread's
         # Jobs in hand = submitted - finished - returned, each counter written by one thread only.
         self.submitted = self.returned = 0  # by the producer
@@ -278,10 +284,11 @@ class AsyncExecutor:
             return
 
         async def cancel_all() -> None:
-            tasks = list(self._running.values())
-            for t in tasks:
+            runners = list(self._running)
+            for t in runners:
                 t.cancel()
-            await asyncio.wait(tasks, timeout=grace) if tasks else None
+            if runners:
+                await asyncio.wait(runners, timeout=grace)
 
         try:
             asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(grace + 1)
@@ -293,33 +300,59 @@ class AsyncExecutor:
     # --- on the loop ------------------------------------------------------------------------------
 
     def _fill(self) -> None:
-        """Start pending jobs while there are free slots."""
+        """Start runners for the pending jobs, up to `concurrency` in all."""
         if not self._accepting:
             return
-        running, create, run = self._running, self.loop.create_task, self._run
-        with self._lock:
-            pending = self._pending
-            while pending and len(running) < self.concurrency:
-                job = pending.popleft()
-                running[job.id] = create(run(job))
+        start = min(len(self._pending), self.concurrency - self._runners)
+        for _ in range(start):
+            self._runners += 1
+            self.loop.create_task(self._runner())
 
-    async def _run(self, job: Claimed) -> None:
-        job.started = started = time.monotonic()
-        if self.log_jobs:
-            log_job(job, None)
-        outcome = await self._execute(job)
-        if self.log_jobs:
-            log_job(job, outcome)
-        outcome.seconds = time.monotonic() - started
-        self.avg_runtime += 0.05 * (outcome.seconds - self.avg_runtime)
-        del self._running[job.id]
-        job.finished = True
-        self._results.append(outcome)
-        self.finished += 1
-        if self._pending:
-            self._fill()
-        if len(self._pending) < self.refill_at or len(self._results) >= self.flush_at:
-            self._wake.set()
+    async def _runner(self) -> None:
+        me = asyncio.current_task()
+        loop, lock, running, results, wake = self.loop, self._lock, self._running, self._results, self._wake
+        monotonic = time.monotonic
+        yielded = monotonic()
+        try:
+            while self._accepting:
+                with lock:
+                    if not self._pending:
+                        return
+                    job = self._pending.popleft()
+                running[me] = job
+                job.started = started = monotonic()
+                if self.log_jobs:
+                    log_job(job, None)
+                limit = job.timeout or self.default_timeout
+                timer = loop.call_later(limit, self._expire, me, job) if limit else None
+                outcome = await self._execute(job)
+                if timer is not None:
+                    timer.cancel()
+                timed_out = job.id in self._timed_out
+                if timed_out:  # even if the job swallowed the CancelledError
+                    self._timed_out.discard(job.id)
+                    outcome = Outcome(job, f"timed out after {limit:g} s", dead=job.attempts >= job.max_attempts)
+                if self.log_jobs:
+                    log_job(job, outcome)
+                now = monotonic()
+                outcome.seconds = now - started
+                self.avg_runtime += 0.05 * (outcome.seconds - self.avg_runtime)
+                job.finished = True
+                del running[me]
+                results.append(outcome)
+                self.finished += 1
+                if len(self._pending) < self.refill_at or len(results) >= self.flush_at:
+                    wake.set()
+                if timed_out:
+                    return  # a cancellation may still be pending on this task: it must not hit the next job
+                if now - yielded > 0.005:  # jobs that never suspend must not starve the loop
+                    await asyncio.sleep(0)
+                    yielded = monotonic()
+        finally:
+            running.pop(me, None)
+            self._runners -= 1
+            if self._pending:
+                self._fill()
 
     async def _execute(self, job: Claimed) -> Outcome:
         task = lookup(job.task)
@@ -327,30 +360,21 @@ class AsyncExecutor:
             return unknown_task(job)
         if not isinstance(job.args, list) or not isinstance(job.kwargs, dict):
             return Outcome(job, malformed(job), dead=True)
-        # This asyncio task runs in a copy of the loop's context: the job's own.
-        _set_current(JobContext(job.id, job.task, job.queue, job.attempts, self.name))
-        limit = job.timeout or self.default_timeout
-        timer = self.loop.call_later(limit, self._expire, job) if limit else None
+        token = _set_current(JobContext(job.id, job.task, job.queue, job.attempts, self.name))
         try:
             await task.fn(*job.args, **job.kwargs)
-            outcome = Outcome(job)
+            return Outcome(job)
         except Permanent as exc:
-            outcome = Outcome(job, _describe(exc), dead=True)
-        except BaseException as exc:  # noqa: BLE001 - a job must never take the loop down
-            outcome = Outcome(job, _describe(exc), dead=job.attempts >= job.max_attempts)
+            return Outcome(job, _describe(exc), dead=True)
+        except BaseException as exc:  # noqa: BLE001 - a job must never take its runner down
+            return Outcome(job, _describe(exc), dead=job.attempts >= job.max_attempts)
         finally:
-            if timer is not None:
-                timer.cancel()
-        if job.id in self._timed_out:  # even if the job swallowed the CancelledError
-            self._timed_out.discard(job.id)
-            return Outcome(job, f"timed out after {limit:g} s", dead=job.attempts >= job.max_attempts)
-        return outcome
+            _set_current(None, token)
 
-    def _expire(self, job: Claimed) -> None:
-        task = self._running.get(job.id)
-        if task is not None:
+    def _expire(self, runner: asyncio.Task, job: Claimed) -> None:
+        if self._running.get(runner) is job:
             self._timed_out.add(job.id)
-            task.cancel(f"dj: job {job.id} timed out")
+            runner.cancel(f"dj: job {job.id} timed out")
 
     def _beat(self) -> None:
         self._tick = time.monotonic()
@@ -361,22 +385,21 @@ class AsyncExecutor:
     def _watch(self) -> None:
         """Warn, once per task, about a job that holds the loop: no other async job of this worker
         runs meanwhile. Like asyncio's debug mode (slow_callback_duration), but always on and
-        nearly free: this thread samples the loop's current task. A task seen running in every
-        sample for BLOCKED_SECONDS, while the loop's heartbeat (_beat) did not run once, is one step
-        of that task that long: in one pass of the loop each task takes at most one step."""
+        nearly free: this thread samples the loop's current task and its job. A job seen running
+        in every sample for BLOCKED_SECONDS, while the loop's heartbeat (_beat) did not run once,
+        is one step of that job that long: in one pass of the loop each task takes one step."""
         loop = self.loop
         suspect, since, tick = None, 0.0, None
         while not self._closed.wait(TICK_SECONDS):
             current, now = asyncio.current_task(loop), time.monotonic()
-            if current is None or current is not suspect or self._tick != tick:
-                suspect, since, tick = current, now, self._tick
+            job = self._running.get(current) if current is not None else None
+            if job is None or job is not suspect or self._tick != tick:
+                suspect, since, tick = job, now, self._tick
                 continue
             if now - since < BLOCKED_SECONDS:
                 continue
             suspect = None  # one warning per blocking step at most
-            job_id = next((i for i, t in list(self._running.items()) if t is current), None)
-            job = self._held.get(job_id)
-            if job is None or job.task in self._warned:
+            if job.task in self._warned:
                 continue
             self._warned.add(job.task)
             log.warning("async job %d (%s) has blocked the event loop for %.1fs: the worker's other async jobs "
