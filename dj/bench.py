@@ -4,8 +4,8 @@ Every measurement runs against the configured database (the embedded server by d
 queues of its own, named `bench-<run>-<part>`, so it never claims, counts or deletes anyone else's
 jobs; its rows, statistics and worker rows are removed at the end, even after an error or Ctrl-C.
 Two parts need tables of their own and get a scratch database on the same server, created and
-dropped by the run: the counter rebuild (the Q&A board it seeds) and the peers (procrastinate and
-pgqueuer install their schemas there).
+dropped by the run: the counter rebuild (the Q&A board it seeds) and the peers (procrastinate,
+pgqueuer and oban-py install their schemas there).
 
 Workers run as real `dj work` processes, started before the jobs are enqueued and idle until
 then: a drain is timed from the commit of the `enqueue_many` that fills the queue (the NOTIFY
@@ -23,9 +23,7 @@ returns the result document that `dj bench --json` prints.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import multiprocessing
 import os
 import platform
 import statistics
@@ -45,6 +43,7 @@ from psycopg import sql as pgsql
 
 from . import bench_snapshot, config, db
 from .context import current_job
+from .bench_peers import PEERS, log_tail
 from .errors import DJError
 from .task import job
 
@@ -64,8 +63,6 @@ REBUILD_PROCESSES = 2
 REBUILD_ROUNDS = 3  # measured, after one warm-up round; the figures are their medians
 RAW_BATCH = 100
 ROUNDS = 3  # the drains, the plain-SQL ceiling and the bulk enqueue are each the median of this many
-QUICK_PEER_JOBS = 1_000
-PEERS = ("procrastinate", "pgqueuer")
 
 # The plain-SQL ceiling of the issue: claim and delete in batches, nothing else.
 RAW_CLAIM_DELETE = f"""
@@ -157,14 +154,6 @@ class _Steps:
             self.progress("done", self.total, self.total)
 
 
-def _tail(path: str, lines: int = 5) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return " | ".join(line.strip() for line in f.read().strip().splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 class _WorkerPool:
     """`dj work --processes P` on the given queues, as a real subprocess, started and waited for
     until every process has registered (so its start-up is not timed), stopped with SIGTERM."""
@@ -201,7 +190,7 @@ class _WorkerPool:
 
     def check(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
-            raise DJError(f"bench workers exited with code {self.proc.returncode}: {_tail(self.log.name)}")
+            raise DJError(f"bench workers exited with code {self.proc.returncode}: {log_tail(self.log.name)}")
 
     def __exit__(self, *exc: Any) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -574,44 +563,10 @@ class _Bench:
             self.conn = saved
 
     def measure_peers(self) -> dict[str, Any]:
-        found = {}
-        for name in PEERS:
-            try:
-                __import__(name)
-                found[name] = True
-            except ImportError:
-                pass
-        if not found:
-            self.notes.append("peers: neither procrastinate nor pgqueuer is installed (pip install 'dj[bench]')")
-            return {}
-        try:
-            url = self.scratch()
-        except psycopg.errors.InsufficientPrivilege:
-            self.notes.append("peers: not measured, the database user may not CREATE DATABASE")
-            return {}
-        n = min(self.jobs, QUICK_PEER_JOBS) if self.quick else self.jobs
-        results: dict[str, Any] = {}
-        for name in PEERS:
-            if name not in found:
-                self.notes.append(f"peers: {name} is not installed")
-                continue
-            peer = _PEER_CLASSES[name](url, self.queue(name), self)
-            self.steps.start(f"{name}: bulk enqueue of {n:,} jobs")
-            try:
-                peer.setup()
-                bulk = peer.bulk(n)
-                drains = {}
-                for p in self.processes:
-                    self.steps.start(f"{name}: drain {n:,} jobs with {p} process{'es' if p > 1 else ''}")
-                    drains[str(p)] = peer.drain(n, p)
-            except Exception as exc:  # noqa: BLE001 - a peer's failure must not lose dj's figures
-                self.notes.append(f"peers: {name} failed: {type(exc).__name__}: {str(exc).strip()[:200]}")
-                continue
-            results[name] = {"version": _version(name), "jobs": n, "drain_per_s": drains,
-                             "enqueue_bulk_per_s": bulk}
-            if name == "pgqueuer":
-                results[name]["driver"] = _pgqueuer_driver_name()
-        return results
+        from .bench_peers import measure  # the peers are a section of their own; most runs skip it
+
+        return measure(self)
+
 
     # --- cleanup ------------------------------------------------------------------------------
 
@@ -632,290 +587,6 @@ class _Bench:
                 self.conn.close()
 
 
-# --- peers ----------------------------------------------------------------------------------------
-
-def _version(name: str) -> str:
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
-def _quiet_child(log_path: str) -> None:
-    """A peer worker process writes its logs to a file, not over the bench's progress display."""
-    import logging
-
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(fd, 2)
-    os.dup2(fd, 1)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-
-
-class _PeerWorkers:
-    """P peer worker processes (multiprocessing, spawn), each reporting when it is about to work."""
-
-    def __init__(self, target: Callable[..., None], args: tuple, processes: int):
-        self.ctx = multiprocessing.get_context("spawn")
-        self.log = tempfile.NamedTemporaryFile(prefix="dj-bench-peer-", suffix=".log", delete=False)
-        self.log.close()
-        self.events = [self.ctx.Event() for _ in range(processes)]
-        self.children = [self.ctx.Process(target=target, args=(*args, e, self.log.name), daemon=True)
-                         for e in self.events]
-
-    def __enter__(self) -> "_PeerWorkers":
-        try:
-            for child in self.children:
-                child.start()
-            deadline = time.monotonic() + 120
-            for event in self.events:
-                while not event.wait(0.1):
-                    self.check()
-                    if time.monotonic() > deadline:
-                        raise DJError("peer workers did not start within 120 s")
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def check(self) -> None:
-        for child in self.children:
-            if child.exitcode is not None:
-                raise DJError(f"a peer worker exited with code {child.exitcode}: {_tail(self.log.name)}")
-
-    def __exit__(self, *exc: Any) -> None:
-        for child in self.children:
-            if child.is_alive():
-                child.terminate()
-        for child in self.children:
-            child.join(15)
-            if child.is_alive():
-                child.kill()
-                child.join(5)
-        try:
-            os.unlink(self.log.name)
-        except OSError:
-            pass
-
-
-class _Peer:
-    """One peer system on the scratch database: install, bulk-enqueue, drain with P processes."""
-
-    name = ""
-    worker: Callable[..., None]
-
-    def __init__(self, url: str, queue: str, bench: _Bench):
-        self.url = url
-        self.queue = queue
-        self.bench = bench
-
-    def setup(self) -> None:
-        raise NotImplementedError
-
-    def enqueue(self, n: int) -> None:
-        raise NotImplementedError
-
-    def clear(self) -> None:
-        raise NotImplementedError
-
-    pending_sql = ""
-
-    def bulk(self, n: int) -> float:
-        self.enqueue(10)  # warm-up
-        self.clear()
-        t = time.perf_counter()
-        self.enqueue(n)
-        rate = _rate(n, time.perf_counter() - t)
-        self.clear()
-        return rate
-
-    def drain(self, n: int, processes: int) -> float:
-        with _PeerWorkers(type(self).worker, (self.url, self.queue), processes) as workers, \
-                db.connect(self.url, autocommit=True) as conn:
-            saved, self.bench.conn = self.bench.conn, conn
-            try:
-                self.enqueue(min(n, 20))  # warm-up: every worker loop running and listening
-                self.bench.wait_empty(workers, self.queue, 20, self.pending_sql)
-                time.sleep(0.3)
-                self.enqueue(n)
-                t0 = time.perf_counter()
-                t1 = self.bench.wait_empty(workers, self.queue, n, self.pending_sql)
-            finally:
-                self.bench.conn = saved
-        return _rate(n, t1 - t0)
-
-
-def _procrastinate_app(url: str, queue: str):
-    import procrastinate
-
-    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
-
-    @app.task(name="dj_bench_noop", queue=queue)
-    def noop_task() -> None:
-        pass
-
-    return app, noop_task
-
-
-def _procrastinate_worker(url: str, queue: str, ready, log_path: str) -> None:
-    _quiet_child(log_path)
-    app, _ = _procrastinate_app(url, queue)
-
-    async def main() -> None:
-        async with app.open_async():
-            ready.set()
-            await app.run_worker_async(queues=[queue])  # its defaults: concurrency 1, LISTEN/NOTIFY
-
-    asyncio.run(main())
-
-
-class _Procrastinate(_Peer):
-    name = "procrastinate"
-    worker = staticmethod(_procrastinate_worker)
-    pending_sql = ("SELECT EXISTS (SELECT 1 FROM procrastinate_jobs WHERE queue_name = %(q)s"
-                   " AND status IN ('todo', 'doing'))")
-
-    def setup(self) -> None:
-        app, _ = _procrastinate_app(self.url, self.queue)
-
-        async def install() -> None:
-            async with app.open_async():
-                await app.schema_manager.apply_schema_async()
-
-        asyncio.run(install())
-
-    def bulk(self, n: int) -> float:
-        """Timed inside the event loop, around `batch_defer_async` alone."""
-        app, task = _procrastinate_app(self.url, self.queue)
-
-        async def run() -> float:
-            async with app.open_async():
-                await task.batch_defer_async(*([{}] * 10))
-                self.clear()
-                t = time.perf_counter()
-                await task.batch_defer_async(*([{}] * n))
-                elapsed = time.perf_counter() - t
-            self.clear()
-            return _rate(n, elapsed)
-
-        return asyncio.run(run())
-
-    def enqueue(self, n: int) -> None:
-        app, task = _procrastinate_app(self.url, self.queue)
-
-        async def defer() -> None:
-            async with app.open_async():
-                await task.batch_defer_async(*([{}] * n))
-
-        asyncio.run(defer())
-
-    def clear(self) -> None:
-        with db.connect(self.url, autocommit=True) as conn:
-            conn.execute("DELETE FROM procrastinate_jobs WHERE queue_name = %s AND status = 'todo'", (self.queue,))
-
-
-def _pgqueuer_driver_name() -> str:
-    """pgqueuer's own default (its `pgq` command): asyncpg when installed, else psycopg."""
-    try:
-        import asyncpg  # noqa: F401
-
-        return "asyncpg"
-    except ImportError:
-        return "psycopg"
-
-
-async def _pgqueuer_driver(url: str):
-    """A pgqueuer driver and a coroutine function that closes its connection."""
-    if _pgqueuer_driver_name() == "asyncpg":
-        import asyncpg
-        from pgqueuer import AsyncpgDriver
-
-        params = conninfo.conninfo_to_dict(url)
-        conn = await asyncpg.connect(host=params.get("host"), port=params.get("port"), user=params.get("user"),
-                                     password=params.get("password") or None, database=params.get("dbname"))
-        return AsyncpgDriver(conn), conn.close
-    from pgqueuer import PsycopgDriver
-
-    conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
-    return PsycopgDriver(conn), conn.close
-
-
-def _pgqueuer_run(coro) -> Any:
-    """pgqueuer's `pgq` runs its loop on uvloop when it is installed; so do we."""
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:
-        return asyncio.run(coro)
-
-
-def _pgqueuer_worker(url: str, entrypoint: str, ready, log_path: str) -> None:
-    _quiet_child(log_path)
-    from pgqueuer import PgQueuer
-
-    async def main() -> None:
-        driver, close = await _pgqueuer_driver(url)
-        pgq = PgQueuer(driver)
-
-        @pgq.entrypoint(entrypoint)
-        async def noop_entry(job) -> None:
-            pass
-
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, pgq.shutdown.set)
-        ready.set()
-        try:
-            await pgq.run()  # its defaults: batch_size 10, continuous mode, LISTEN/NOTIFY
-        finally:
-            await close()
-
-    _pgqueuer_run(main())
-
-
-class _PgQueuer(_Peer):
-    name = "pgqueuer"
-    worker = staticmethod(_pgqueuer_worker)
-    pending_sql = "SELECT EXISTS (SELECT 1 FROM pgqueuer WHERE entrypoint = %(q)s)"
-
-    def _with_queries(self, work: Callable[[Any], Any]) -> Any:
-        from pgqueuer import Queries
-
-        async def run() -> Any:
-            driver, close = await _pgqueuer_driver(self.url)
-            try:
-                return await work(Queries(driver))
-            finally:
-                await close()
-
-        return _pgqueuer_run(run())
-
-    def setup(self) -> None:
-        self._with_queries(lambda queries: queries.install())
-
-    def bulk(self, n: int) -> float:
-        """Timed inside the event loop, around `Queries.enqueue` alone."""
-
-        async def work(queries) -> float:
-            await queries.enqueue([self.queue] * 10, [None] * 10, [0] * 10)
-            await queries.clear_queue(self.queue)
-            t = time.perf_counter()
-            await queries.enqueue([self.queue] * n, [None] * n, [0] * n)
-            elapsed = time.perf_counter() - t
-            await queries.clear_queue(self.queue)
-            return _rate(n, elapsed)
-
-        return self._with_queries(work)
-
-    def enqueue(self, n: int) -> None:
-        self._with_queries(lambda queries: queries.enqueue([self.queue] * n, [None] * n, [0] * n))
-
-    def clear(self) -> None:
-        with db.connect(self.url, autocommit=True) as conn:
-            conn.execute("DELETE FROM pgqueuer WHERE entrypoint = %s", (self.queue,))
-
-
-_PEER_CLASSES = {"procrastinate": _Procrastinate, "pgqueuer": _PgQueuer}
 
 
 # --- the API --------------------------------------------------------------------------------------

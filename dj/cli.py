@@ -553,8 +553,8 @@ def bench(
                                                 "\\[default: 10000; 2000 with --quick].", min=1)] = None,
     processes: Annotated[str, typer.Option("--processes", "-P", help="Most worker processes (runs 1..P), "
                                            "or a list like 1,2.")] = "2",
-    peers: Annotated[bool, typer.Option("--peers", help="Also run procrastinate and pgqueuer if installed "
-                                        "(pip install 'dj\\[bench]').")] = False,
+    peers: Annotated[bool, typer.Option("--peers", help="Also run procrastinate, pgqueuer and oban-py (Python >= 3.12) if installed "
+                                        "(pip install 'djq\\[bench]').")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="A small run, well under a minute.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     database_url: DatabaseUrl = None,

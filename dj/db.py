@@ -9,8 +9,8 @@ from contextlib import AbstractContextManager as ContextManager, contextmanager,
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from . import config, embedded
-from .errors import DatabaseUnavailable, SchemaMissing
+from . import config, embedded, pooler
+from .errors import SchemaMissing
 
 _override: str | None = None
 _embedded_url: str | None = None
@@ -38,15 +38,9 @@ def database_url() -> str:
 
 
 def connect(url: str | None = None, *, autocommit: bool = False, **kwargs) -> psycopg.Connection:
-    url = url or database_url()
-    try:
-        return psycopg.connect(url, autocommit=autocommit, connect_timeout=10, **kwargs)
-    except psycopg.OperationalError as exc:
-        reason = config.mask_secrets(str(exc).strip().splitlines()[0] if str(exc).strip() else "unreachable", url)
-        raise DatabaseUnavailable(f"cannot connect to {config.mask_url(url)}: {reason}") from exc
-    except psycopg.ProgrammingError as exc:  # a malformed URL; libpq's message quotes it, password and all
-        reason = config.mask_secrets(str(exc).strip().splitlines()[0] if str(exc).strip() else "malformed", url)
-        raise DatabaseUnavailable(f"invalid database URL {config.mask_url(url)}: {reason}") from exc
+    """A new connection; errors are one masked line (DatabaseUnavailable). Behind a pooler it
+    prepares no statements (see dj.pooler)."""
+    return pooler.connect(url or database_url(), autocommit=autocommit, **kwargs)
 
 
 def pool(url: str | None = None) -> ConnectionPool:
@@ -62,7 +56,7 @@ def pool(url: str | None = None) -> ConnectionPool:
             # Autocommit: an enqueue is one pipelined round trip with no BEGIN/COMMIT around it;
             # transaction() opens a real transaction block itself.
             p = ConnectionPool(url, min_size=1, max_size=10, open=False, name="dj",
-                               kwargs={"autocommit": True})
+                               kwargs={"autocommit": True}, configure=lambda c: pooler.adapt(c, url))
             # Waiting for the first connection keeps a one-thread enqueuer on one connection: a
             # request made before it is ready grows the pool, and psycopg_pool hands its idle
             # connections out in turn, so each call would meet a cold backend (10-15% slower).

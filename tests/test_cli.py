@@ -281,7 +281,7 @@ def test_help(cli):
     # Rich markup swallows unescaped "[...]" in help texts.
     assert "[env DJ_LOCK_TIMEOUT; default 300]" in text and "[default: the concurrency]" in text
     text = ok(results["bench"])
-    assert "pip install 'dj[bench]'" in text and "[default: 10000; 2000 with --quick]" in text
+    assert "pip install 'djq[bench]'" in text and "[default: 10000; 2000 with --quick]" in text
 
 
 # --- hostile strings ----------------------------------------------------------------------------
