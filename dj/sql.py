@@ -375,6 +375,10 @@ WHERE m.name = 'vacuum jobs' AND m.lease_until < now()
 RETURNING s.n_dead_tup
 """
 
+# The chore's row, for a database whose rows were emptied (tests truncate every table): taken once
+# by each worker as it starts.
+ENSURE_VACUUM_ROW = "INSERT INTO maintenance (name) VALUES ('vacuum jobs') ON CONFLICT (name) DO NOTHING"
+
 # Plain VACUUM: it takes no lock that stops claims or completions. It cannot run in a transaction
 # block, so it goes alone on an autocommit connection (which a transaction pooler also passes).
 # SKIP_LOCKED: if autovacuum (or someone) is vacuuming jobs already, return at once instead of

@@ -34,6 +34,16 @@ VACUUM_CHECK_INTERVAL = 1.0
 VACUUM_LEASE_SECONDS = 600
 
 
+def prepare(conn: psycopg.Connection) -> bool:
+    """Make sure the chore's row exists (a worker calls this once as it starts). False if the
+    schema predates the maintenance table: such a worker never vacuums."""
+    try:
+        conn.execute(sql.ENSURE_VACUUM_ROW)
+    except psycopg.errors.UndefinedTable:
+        return False
+    return True
+
+
 def maybe_vacuum(conn: psycopg.Connection, worker: str, *, min_dead: int = VACUUM_MIN_DEAD,
                  scale: float = VACUUM_SCALE) -> float | None:
     """Vacuum jobs if it is due and no other worker does it now; returns the seconds it took, or
