@@ -1,16 +1,54 @@
 """dj: DelayedJob, done right, in Python. Jobs are rows in PostgreSQL; workers claim them with
 SELECT ... FOR UPDATE SKIP LOCKED."""
 
-from .admin import status
-from . import batches
-from .batches import batch, current_batch
-from .context import JobContext, current_job
-from .db import connect, connection, database_url, transaction, use_database
-from .errors import DatabaseUnavailable, DJError, Permanent, SchemaMissing, WorkFailed
-from .supervisor import run_workers
-from .task import Task, enqueue, job
-from .worker import Worker
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The names below are imported on first use, not here. pytest imports dj.pytest_plugin (which
+# runs this file) in every run where dj is installed, tests that use dj or not, and the modules
+# behind these names cost ~180 ms (psycopg, the worker).
+_EXPORTS = {
+    "status": "admin",
+    "batch": "batches", "current_batch": "batches",
+    "JobContext": "context", "current_job": "context",
+    "connect": "db", "connection": "db", "database_url": "db", "transaction": "db", "use_database": "db",
+    "DatabaseUnavailable": "errors", "DJError": "errors", "Permanent": "errors", "SchemaMissing": "errors",
+    "WorkFailed": "errors",
+    "run_workers": "supervisor",
+    "Task": "task", "enqueue": "task", "job": "task",
+    "Worker": "worker",
+}
+
+if TYPE_CHECKING:
+    from . import batches, testing
+    from .admin import status
+    from .batches import batch, current_batch
+    from .context import JobContext, current_job
+    from .db import connect, connection, database_url, transaction, use_database
+    from .errors import DatabaseUnavailable, DJError, Permanent, SchemaMissing, WorkFailed
+    from .supervisor import run_workers
+    from .task import Task, enqueue, job
+    from .worker import Worker
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    elif name.isidentifier() and not name.startswith("_"):
+        # A submodule, as `dj.task` or `dj.testing` after a bare `import dj`.
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def migrate(url: str | None = None) -> str:
@@ -22,6 +60,10 @@ def migrate(url: str | None = None) -> str:
 
 __all__ = [
     "DJError", "DatabaseUnavailable", "JobContext", "Permanent", "SchemaMissing", "Task", "Worker", "WorkFailed",
-    "batch", "batches", "connect", "connection", "current_batch", "current_job", "database_url", "enqueue", "job", "migrate", "run_workers", "status", "transaction",
-    "use_database",
+    "batch", "batches", "connect", "connection", "current_batch", "current_job", "database_url", "enqueue", "job",
+    "migrate", "run_workers", "status", "testing", "transaction", "use_database",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

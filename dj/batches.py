@@ -11,6 +11,10 @@ from . import db, sql
 
 _current: contextvars.ContextVar["Batch | None"] = contextvars.ContextVar("dj_current_batch", default=None)
 
+# The test mode's seam (dj/testing.py), like dj.task's `_interceptor`: while set, batches open,
+# close and record results through it, in memory.
+_recorder: Any = None
+
 
 def current_batch() -> "Batch | None":
     return _current.get()
@@ -37,8 +41,11 @@ class Batch:
         self._token: contextvars.Token | None = None
 
     def __enter__(self) -> "Batch":
-        with db.borrow(self._conn) as conn:
-            self.id = conn.execute(sql.OPEN_BATCH, self._row).fetchone()[0]
+        if _recorder is not None:
+            self.id = _recorder.open_batch(self)
+        else:
+            with db.borrow(self._conn) as conn:
+                self.id = conn.execute(sql.OPEN_BATCH, self._row).fetchone()[0]
         self._token = _current.set(self)
         return self
 
@@ -46,6 +53,8 @@ class Batch:
         _current.reset(self._token)
         if exc_type is not None:
             return
+        if _recorder is not None:
+            return _recorder.close_batch(self)
         with db.borrow(self._conn) as conn:
             conn.execute(sql.CLOSE_BATCH, {"id": self.id, "total": self.total})
 
@@ -67,5 +76,7 @@ def record_result(batch_id: int, result: Any) -> None:
     """Store a JSON result on a batch (a callback records what it found)."""
     from .task import to_json
 
+    if _recorder is not None:
+        return _recorder.record_result(batch_id, result)
     with db.transaction() as conn:
         conn.execute("UPDATE batches SET result = %s::jsonb WHERE id = %s", (to_json(result, "result"), batch_id))

@@ -23,8 +23,16 @@ def home() -> Path:
 
 
 def configured_url() -> str | None:
-    """The URL the user chose, or None when dj should use its embedded server."""
-    return os.environ.get("DJ_DATABASE_URL") or None
+    """The URL the user chose, or None when dj should use its embedded server. In a Django project
+    (DJANGO_SETTINGS_MODULE set), Django's database unless DJ_DATABASE_URL says otherwise."""
+    explicit = os.environ.get("DJ_DATABASE_URL")
+    if explicit:
+        return explicit
+    if os.environ.get("DJANGO_SETTINGS_MODULE"):
+        from .contrib.django import database_url
+
+        return database_url()
+    return None
 
 
 def task_modules() -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -42,7 +43,12 @@ def registered() -> dict[str, "Task"]:
 
 
 def load_task_modules() -> None:
-    """Import the workload in `tasks/` and every module named in DJ_TASKS, so their jobs register."""
+    """Import the workload in `tasks/` and every module named in DJ_TASKS, so their jobs register;
+    in a Django project (DJANGO_SETTINGS_MODULE), set Django up and import its apps' tasks too."""
+    if os.environ.get("DJANGO_SETTINGS_MODULE"):
+        from .contrib.django import setup
+
+        setup()
     for module in ["tasks", *config.task_modules()]:
         try:
             importlib.import_module(module)

@@ -10,12 +10,10 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import conninfo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,29 +22,26 @@ os.environ.setdefault("DJ_HOME", str(Path(tempfile.gettempdir()) / "dj-test-home
 os.environ["DJ_TASKS"] = "tests.support_jobs"
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
-import dj  # noqa: E402
-from dj import db  # noqa: E402
+from dj.pytest_plugin import empty_tables  # noqa: E402
 from tests.support_jobs import RUNS_DDL  # noqa: E402
 
 
+def pytest_configure(config):
+    # dj's plugin comes from its pytest11 entry point; a venv installed before the entry point
+    # existed lacks it until `pip install -e .` runs again, and these tests need its fixtures.
+    if not config.pluginmanager.has_plugin("dj") and not config.pluginmanager.is_blocked("dj"):
+        import dj.pytest_plugin
+
+        config.pluginmanager.register(dj.pytest_plugin, "dj")
+
+
 @pytest.fixture(scope="session")
-def db_url():
-    server_url = os.environ.get("DJ_DATABASE_URL") or db.database_url()
-    name = f"dj_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = conninfo.make_conninfo(server_url, dbname=name)
-    os.environ["DJ_DATABASE_URL"] = url
-    db.use_database(url)
-    dj.migrate(url)
-    with psycopg.connect(url, autocommit=True) as conn:
+def db_url(dj_database_url):
+    """The session's database (dj's pytest plugin creates, migrates and drops it), with the table
+    the support jobs write to."""
+    with psycopg.connect(dj_database_url, autocommit=True) as conn:
         conn.execute(RUNS_DDL)
-    yield url
-    db.use_database(None)
-    for p in list(db._pools.values()):
-        p.close()
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return dj_database_url
 
 
 @pytest.fixture
@@ -55,13 +50,24 @@ def conn(db_url):
         yield c
 
 
+# The fixtures of dj's test mode: a test that asks for one needs no database, and gets none.
+TEST_MODE_FIXTURES = {"dj_jobs", "dj_inline"}
+
+
+def needs_no_database(request) -> bool:
+    """A test in dj's test mode, or marked no_database, that asks for no database fixture."""
+    quiet = TEST_MODE_FIXTURES & set(request.fixturenames) or request.node.get_closest_marker("no_database")
+    return bool(quiet) and "db_url" not in request.fixturenames
+
+
 @pytest.fixture(autouse=True)
-def clean_db(request, db_url):
-    """Empty every table before each test, so no test sees another's rows."""
-    with psycopg.connect(db_url, autocommit=True) as c:
-        tables = [r[0] for r in c.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")]
-        c.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE")
+def clean_db(request):
+    """Empty every table before each test, so no test sees another's rows (tests that need no
+    database get none: not even the session's is created for them)."""
+    if needs_no_database(request):
+        yield
+        return
+    empty_tables(request.getfixturevalue("db_url"))
     yield
 
 

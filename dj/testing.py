@@ -1,0 +1,429 @@
+"""Test mode: jobs enqueued in memory, with no database.
+
+    with dj.testing.capture() as jobs:      # every enqueue is recorded; nothing is written anywhere
+        signup("a@b.c")
+        jobs.assert_enqueued(send_welcome, args=["a@b.c"])
+        jobs.drain()                         # runs them here, with the jobs they enqueue
+    with dj.testing.inline():                # every enqueue runs the job at once, in the caller
+
+Both divert dj.task's one seam, `_interceptor`, through which every enqueue path goes (sync and
+async, single and many, with or without `conn=`), and dj.batches' `_recorder`. An enqueue is
+validated as in production (JSON arguments, their size, the priority, unique keys) before it is
+recorded, so a test fails where production would.
+
+The mode is process-wide, like the database it stands in for: an enqueue from any thread (a web
+app's request thread, say) goes to the innermost active capture or inline block. Blocks nest; the
+inner one receives the enqueues until it exits, and they must exit in the reverse order of entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import itertools
+import json
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from . import batches, task as _task
+from .context import JobContext, _set_current
+from .errors import DJError
+
+__all__ = ["CapturedJob", "Jobs", "capture", "inline"]
+
+_ANY: Any = object()  # "not given" for the matchers' keyword arguments
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(eq=False)
+class CapturedJob:
+    """One enqueued job, as the worker would have claimed it."""
+
+    id: int
+    task: str
+    args: list[Any]  # as the worker would pass them: after a round trip through JSON
+    kwargs: dict[str, Any]
+    queue: str
+    priority: int
+    run_at: datetime  # when it may run; the moment of the enqueue when none was given
+    enqueued_at: datetime
+    max_attempts: int = 25
+    timeout: float | None = None
+    unique_key: str | None = None
+    batch_id: int | None = None
+    progress: list[tuple[float, str]] = field(default_factory=list)  # what current_job().progress() reported
+    error: BaseException | None = None  # what it raised, for a job in `failed`
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether it was enqueued to run later (run_at more than a second after the enqueue)."""
+        return self.run_at - self.enqueued_at > timedelta(seconds=1)
+
+    def __repr__(self) -> str:
+        extra = f" run_at={self.run_at.isoformat()}" if self.scheduled else ""
+        return (f"<job {self.id} {self.task} args={self.args!r} kwargs={self.kwargs!r} queue={self.queue!r} "
+                f"priority={self.priority}{extra}>")
+
+
+@dataclass(frozen=True)
+class _TestJobContext(JobContext):
+    """`dj.current_job()` inside a job run by the test mode: progress is recorded on the job."""
+
+    record: CapturedJob | None = field(default=None, repr=False, compare=False)
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        if self.record is not None:
+            self.record.progress.append((float(fraction), message))
+
+
+@dataclass
+class _Batch:
+    on_complete: str | None
+    args: list[Any]
+    kwargs: dict[str, Any]
+    queue: str
+    total: int = 0
+    succeeded: int = 0
+    dead: int = 0
+    closed: bool = False
+    finished: bool = False
+
+
+class Jobs:
+    """What `capture()` and `inline()` return, and what the pytest fixture `dj_jobs` is.
+
+    `jobs` holds the jobs not run yet, in the order they were enqueued; `performed` those that ran
+    and returned; `failed` those that raised (each with its `error`). A drained job that raises is
+    not retried: it counts as dead for its batch, and its exception propagates.
+    """
+
+    def __init__(self, run_at_once: bool = False):
+        self.jobs: list[CapturedJob] = []
+        self.performed: list[CapturedJob] = []
+        self.failed: list[CapturedJob] = []
+        self._inline = run_at_once
+        self._lock = threading.RLock()  # enqueues may come from any thread
+        self._ids = itertools.count(1)
+        self._held: dict[str, CapturedJob] = {}  # unique key -> the pending or running job holding it
+        self._batches: dict[int, _Batch] = {}
+        self.batch_results: dict[int, Any] = {}  # what dj.batches.record_result() stored, by batch id
+        self._runner: Any = None  # an asyncio.Runner for coroutine jobs run from sync code
+        self._saved: list[tuple[Any, Any]] = []
+
+    # --- the seam --------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Jobs":
+        self._saved.append((_task._interceptor, batches._recorder))
+        _task._interceptor = self._intercept
+        batches._recorder = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if _task._interceptor != self._intercept or batches._recorder is not self:
+            raise RuntimeError("dj.testing blocks must exit in the reverse order of entry "
+                               "(another capture() or inline() was entered inside this one and is still active)")
+        previous_interceptor, previous_recorder = self._saved.pop()
+        _task._interceptor, batches._recorder = previous_interceptor, previous_recorder
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+
+    def _intercept(self, enqueuer: _task.Enqueuer, calls: list[tuple[Sequence[Any], dict[str, Any]]]) -> list[int]:
+        o = enqueuer.options
+        # The checks production makes before it writes, all of them before anything is recorded.
+        _task._check_priority(o.priority)
+        prepared = [(*_task._arguments_json(args, kwargs), _task._key_from_args(o, enqueuer.name, args, kwargs))
+                    for args, kwargs in calls]
+        now = _now()
+        run_at = _aware(o.run_at) if o.run_at is not None else now
+        batch = batches.current_batch()
+        ids, new = [], []
+        with self._lock:
+            for args_json, kwargs_json, key in prepared:
+                holder = self._held.get(key) if key is not None else None
+                if holder is not None:
+                    ids.append(holder.id)
+                    continue
+                record = CapturedJob(next(self._ids), enqueuer.name, json.loads(args_json), json.loads(kwargs_json),
+                                     o.queue, o.priority, run_at, now, o.max_attempts, o.timeout, key,
+                                     batch.id if batch else None)
+                if key is not None:
+                    self._held[key] = record
+                self.jobs.append(record)
+                ids.append(record.id)
+                new.append(record)
+            if batch:
+                batch.total += len(new)
+        if self._inline:
+            for record in new:
+                self._run_now(record)
+        return ids
+
+    # Batches (the `_recorder` seam of dj.batches): opened, closed and completed in memory.
+
+    def open_batch(self, b: batches.Batch) -> int:
+        name, args_json, kwargs_json, queue, _ = b._row
+        with self._lock:
+            batch_id = next(self._ids)
+            self._batches[batch_id] = _Batch(name, json.loads(args_json), json.loads(kwargs_json), queue)
+        return batch_id
+
+    def close_batch(self, b: batches.Batch) -> None:
+        assert b.id is not None
+        with self._lock:
+            state = self._batches[b.id]
+            state.total, state.closed = b.total, True
+        self._maybe_finish_batch(b.id)
+
+    def record_result(self, batch_id: int, result: Any) -> None:
+        self.batch_results[batch_id] = json.loads(_task.to_json(result, "result"))
+
+    def _maybe_finish_batch(self, batch_id: int) -> None:
+        """Enqueue the callback of a closed batch whose jobs have all succeeded or died, once."""
+        with self._lock:
+            state = self._batches.get(batch_id)
+            if state is None or not state.closed or state.finished or state.succeeded + state.dead < state.total:
+                return
+            state.finished = True
+            if state.on_complete is None:
+                return
+            now = _now()
+            summary = {"id": batch_id, "total": state.total, "succeeded": state.succeeded, "dead": state.dead}
+            record = CapturedJob(next(self._ids), state.on_complete, list(state.args),
+                                 {**state.kwargs, "batch": summary}, state.queue, 0, now, now)
+            self.jobs.append(record)
+        if self._inline:
+            self._run_now(record)
+
+    # --- looking at the jobs -----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __iter__(self) -> Iterator[CapturedJob]:
+        return iter(list(self.jobs))
+
+    def filter(self, task: Any = _ANY, **fields: Any) -> list[CapturedJob]:
+        """The jobs not run yet that match: `task` is a task or its name; any other field of
+        CapturedJob is compared for equality, or passed to a function given instead of a value.
+        `run_at` takes a datetime (matched within a second), a timedelta (the delay after the
+        enqueue, within a second) or None (to run at once); `tolerance=` changes the second."""
+        return _matching(self.jobs, task, fields)
+
+    def count(self, task: Any = _ANY, **fields: Any) -> int:
+        return len(self.filter(task, **fields))
+
+    def assert_enqueued(self, task: Any = _ANY, *, count: int | None = None, **fields: Any) -> CapturedJob:
+        """Fail unless a job not run yet matches (exactly `count` of them, if given); returns the first."""
+        return _assert_matches(self.jobs, "enqueued", task, count, fields)
+
+    def assert_not_enqueued(self, task: Any = _ANY, **fields: Any) -> None:
+        _assert_matches(self.jobs, "enqueued", task, 0, fields)
+
+    def assert_performed(self, task: Any = _ANY, *, count: int | None = None, **fields: Any) -> CapturedJob:
+        """Like assert_enqueued, over the jobs that ran and returned."""
+        return _assert_matches(self.performed, "performed", task, count, fields)
+
+    def clear(self) -> None:
+        """Forget every job: not run yet, performed and failed (unique keys are free again)."""
+        with self._lock:
+            self.jobs.clear()
+            self.performed.clear()
+            self.failed.clear()
+            self._held.clear()
+
+    # --- running them ------------------------------------------------------------------------------
+
+    def drain(self, task: Any = _ANY, *, queue: str | None = None, max_jobs: int = 100_000) -> int:
+        """Run every job not run yet, scheduled ones too, in claim order (priority, run_at, id),
+        along with the jobs they enqueue; returns how many ran. A job's exception propagates.
+        `task=` and `queue=` run only the jobs that match."""
+        ran = 0
+        while (record := self._next(task, queue)) is not None:
+            ran = self._count(ran, max_jobs)
+            self._run_now(record)
+        return ran
+
+    async def drain_async(self, task: Any = _ANY, *, queue: str | None = None, max_jobs: int = 100_000) -> int:
+        """drain() for async tests: coroutine jobs are awaited on the running event loop."""
+        ran = 0
+        while (record := self._next(task, queue)) is not None:
+            ran = self._count(ran, max_jobs)
+            with self._running(record):
+                result = _task.lookup(record.task).fn(*record.args, **record.kwargs)  # type: ignore[union-attr]
+                if inspect.isawaitable(result):
+                    await result
+        return ran
+
+    def _count(self, ran: int, max_jobs: int) -> int:
+        if ran >= max_jobs:
+            raise RuntimeError(f"drain() ran {max_jobs} jobs and more keep coming: does a job enqueue itself? "
+                               "(raise max_jobs= if this many is right)")
+        return ran + 1
+
+    def _next(self, task: Any, queue: str | None) -> CapturedJob | None:
+        """Take the job a worker would claim first (it stays out of `jobs` while it runs)."""
+        with self._lock:
+            candidates = [j for j in self.jobs if (queue is None or j.queue == queue)
+                          and (task is _ANY or j.task == _task_name(task))]
+            if not candidates:
+                return None
+            record = min(candidates, key=lambda j: (j.priority, j.run_at, j.id))
+            self.jobs.remove(record)
+            return record
+
+    def _run_now(self, record: CapturedJob) -> None:
+        with self._lock:
+            if record in self.jobs:  # inline: enqueued a moment ago
+                self.jobs.remove(record)
+        with self._running(record):
+            result = _task.lookup(record.task).fn(*record.args, **record.kwargs)  # type: ignore[union-attr]
+            if inspect.isawaitable(result):
+                self._await(result)
+
+    def _running(self, record: CapturedJob) -> "_Running":
+        if _task.lookup(record.task) is None:
+            self.failed.append(record)
+            raise DJError(f"unknown task {record.task!r}: no @job with this name is registered")
+        return _Running(self, record)
+
+    def _finished(self, record: CapturedJob, error: BaseException | None) -> None:
+        with self._lock:
+            if record.unique_key is not None and self._held.get(record.unique_key) is record:
+                del self._held[record.unique_key]
+            record.error = error
+            (self.failed if error is not None else self.performed).append(record)
+            state = self._batches.get(record.batch_id) if record.batch_id is not None else None
+            if state is not None:
+                if error is None:
+                    state.succeeded += 1
+                else:
+                    state.dead += 1
+        if state is not None:
+            self._maybe_finish_batch(record.batch_id)  # type: ignore[arg-type]
+
+    def _await(self, awaitable: Any) -> Any:
+        """Run a coroutine job to its end from sync code, on an event loop of this capture's."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            if sys.version_info >= (3, 11):
+                if self._runner is None:
+                    self._runner = asyncio.Runner()  # one loop for the capture, as a worker has one
+                return self._runner.run(_wrap(awaitable), context=contextvars.copy_context())
+            return asyncio.run(_wrap(awaitable))
+        # A loop is running in this thread (an inline enqueue from async code, or drain() called
+        # from a coroutine): it cannot be re-entered, so the job runs on a loop of its own, in a
+        # thread, while this one waits. Prefer `await jobs.drain_async()` in async tests.
+        outcome: dict[str, Any] = {}
+        context = contextvars.copy_context()
+
+        def run() -> None:
+            try:
+                outcome["value"] = context.run(asyncio.run, _wrap(awaitable))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=run, name="dj.testing")
+        thread.start()
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
+
+
+class _Running:
+    """While a job runs: `dj.current_job()` describes it, it is in no batch of the caller's, and
+    its unique key stays held; afterwards it is performed or failed."""
+
+    def __init__(self, jobs: Jobs, record: CapturedJob):
+        self.jobs, self.record = jobs, record
+
+    def __enter__(self) -> None:
+        r = self.record
+        self.tokens = (_set_current(_TestJobContext(id=r.id, task=r.task, queue=r.queue, attempt=1,
+                                                    worker="dj.testing", record=r)),
+                       batches._current.set(None))
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        job_token, batch_token = self.tokens
+        batches._current.reset(batch_token)
+        _set_current(None, job_token)
+        self.jobs._finished(self.record, exc)
+
+
+async def _wrap(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def capture() -> Jobs:
+    """Record every enqueue in memory instead of writing it; see the module's docstring."""
+    return Jobs()
+
+
+def inline() -> Jobs:
+    """Run every enqueued job at once, in the caller; its exception propagates. The jobs it
+    enqueues run at once too, and a batch's callback runs when the batch closes."""
+    return Jobs(run_at_once=True)
+
+
+# --- matching ------------------------------------------------------------------------------------
+
+
+def _task_name(task: Any) -> str:
+    return task.name if isinstance(task, _task.Enqueuer) else str(task)
+
+
+def _aware(moment: datetime) -> datetime:
+    if not isinstance(moment, datetime):
+        raise TypeError(f"run_at must be a datetime, not {type(moment).__name__}")
+    return moment if moment.tzinfo is not None else moment.astimezone()  # naive: local time
+
+
+def _matching(records: list[CapturedJob], task: Any, fields: dict[str, Any]) -> list[CapturedJob]:
+    fields = dict(fields)
+    tolerance = fields.pop("tolerance", timedelta(seconds=1))
+    expected: dict[str, Any] = {}
+    for name, value in fields.items():
+        if name not in CapturedJob.__dataclass_fields__ and name != "scheduled":
+            raise TypeError(f"a captured job has no field {name!r}")
+        if name in ("args", "kwargs") and not callable(value):
+            value = json.loads(_task.to_json(list(value) if name == "args" else value, name))
+        expected[name] = value
+    if task is not _ANY:
+        expected["task"] = _task_name(task)
+    return [r for r in list(records) if all(_field_matches(r, n, v, tolerance) for n, v in expected.items())]
+
+
+def _field_matches(record: CapturedJob, name: str, expected: Any, tolerance: timedelta) -> bool:
+    actual = getattr(record, name)
+    if name == "run_at" and not callable(expected):
+        if expected is None:
+            return not record.scheduled
+        if isinstance(expected, timedelta):
+            return abs(actual - record.enqueued_at - expected) <= tolerance
+        return abs(actual - _aware(expected)) <= tolerance
+    if callable(expected) and name != "task":
+        return bool(expected(actual))
+    return bool(actual == expected)
+
+
+def _assert_matches(records: list[CapturedJob], what: str, task: Any, count: int | None,
+                    fields: dict[str, Any]) -> Any:
+    found = _matching(records, task, fields)
+    if (count is None and found) or (count is not None and len(found) == count):
+        return found[0] if found else None
+    wanted = ", ".join([*([f"task={_task_name(task)!r}"] if task is not _ANY else []),
+                        *(f"{k}={v!r}" for k, v in fields.items())]) or "any job"
+    listing = "\n".join(f"  {r!r}" for r in records) or "  (none)"
+    expected = "at least one" if count is None else str(count)
+    raise AssertionError(f"expected {expected} {what} job(s) matching {wanted}, found {len(found)}; "
+                         f"{what}:\n{listing}")
