@@ -52,6 +52,10 @@ Priority = Annotated[Optional[int], typer.Option("--priority", "-p", help="Lower
 
 def _use(database_url: str | None) -> None:
     db.use_database(database_url)
+    if database_url:
+        # And for every process the command starts (workers, the demo's), and the jobs they run:
+        # a job's own dj.transaction() must reach the database its worker claimed it from.
+        os.environ["DJ_DATABASE_URL"] = database_url
 
 
 def _connect(database_url: str | None) -> psycopg.Connection:

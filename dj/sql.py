@@ -2,7 +2,7 @@
 
 The statements are written out in full so the whole protocol can be read in one place. psycopg
 prepares each of them after a few executions (except large flushes of COMPLETE and FAIL, whose
-generic plan is quadratic: see `dj.worker._prepare`), and every one that touches many jobs takes
+generic plan is quadratic: see `dj.worker.producer._prepare`), and every one that touches many jobs takes
 arrays, so a batch of N jobs costs one round trip.
 
 Rows are always found through the primary key (`id = ANY(...)`): joining a few hundred ids
@@ -89,7 +89,7 @@ ORDER BY queue
 # and short: a plain `queue = ANY(...)` would make PostgreSQL sort every ready row of those queues
 # on every claim. Rows locked by a lateral but cut by the outer LIMIT are unlocked at commit.
 # It returns args and kwargs as text and run_at as epoch seconds: cheaper for the worker to
-# decode than jsonb and timestamptz (see worker._load_job_json).
+# decode than jsonb and timestamptz (see dj.worker.jobs._load_job_json).
 CLAIM = """
 WITH open_queues AS (
     SELECT q.name,

@@ -1,0 +1,74 @@
+"""Maintenance: the heartbeat thread and what rides on it. On its own connection, every heartbeat
+interval: the worker's row in `workers` (re-registered if it was removed), and, every quarter lock
+timeout, the reaper (jobs of workers that stopped heartbeating become ready again), forgetting
+stale workers and pruning old stats; then the due cron ticks, each enqueued once across workers."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+import psycopg
+
+from .. import cron, sql
+from .connection import reconnect_delay
+from .jobs import _first_line, log
+
+if TYPE_CHECKING:
+    from . import Worker
+
+
+class Maintenance:
+    def __init__(self, worker: "Worker"):
+        self.worker = worker
+        self.connector = worker._connector
+
+    def run(self) -> None:
+        w, connector = self.worker, self.connector
+        conn: psycopg.Connection | None = None
+        epoch: int | None = None
+        failures = 0
+        last_reap = 0.0
+        # While disconnected, retry with backoff, but at least once per heartbeat interval: the
+        # heartbeat is what keeps our jobs from being handed to other workers.
+        while not w._stopping.wait(w.heartbeat_interval if conn else
+                                   min(w.heartbeat_interval, reconnect_delay(failures))):
+            if w.parent_pid is not None and os.getppid() != w.parent_pid:
+                log.warning("supervisor %d is gone; stopping", w.parent_pid)
+                w.stop()
+                return
+            since = connector.epoch
+            try:
+                if conn is None or conn.closed:
+                    epoch = since
+                    conn = connector.connect()
+                running = sum(1 for j in list(w._held.values()) if j.started is not None)
+                if conn.execute(sql.HEARTBEAT, (running, w.name)).rowcount == 0:
+                    w._register(conn)  # our row was removed while we were away
+                epoch, failures = connector.back(since), 0
+                if time.monotonic() - last_reap > w.lock_timeout / 4:
+                    last_reap = time.monotonic()
+                    self.reap(conn)
+                cron.fire_due(conn)  # enqueue due cron ticks, each once across all workers
+            except psycopg.Error as exc:
+                if isinstance(exc, psycopg.OperationalError):
+                    connector.lost(exc, epoch)
+                    failures += 1
+                else:
+                    log.warning("heartbeat failed (%s); retrying", _first_line(exc))
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def reap(self, conn: psycopg.Connection) -> None:
+        params = {"lock_timeout": self.worker.lock_timeout}
+        reaped = conn.execute(sql.REAP_ORPHANS, params).fetchall()
+        if reaped:
+            log.warning("reclaimed %d job(s) from workers that stopped heartbeating", len(reaped))
+            for queue in sorted({q for _, q in reaped}):
+                conn.execute(sql.NOTIFY, (queue,))
+        conn.execute(sql.FORGET_STALE_WORKERS, params)
+        conn.execute(sql.PRUNE_STATS)
