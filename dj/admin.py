@@ -10,7 +10,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .errors import DJError
-from . import sql
+from . import snapshot, sql
 from .sql import QUEUE_SETTINGS_CHANNEL
 
 STATES = ("ready", "scheduled", "running", "dead")
@@ -72,6 +72,8 @@ def status(conn: psycopg.Connection) -> dict[str, Any]:
         "totals": totals,
         "workers": workers,
         "throughput": {"succeeded_last_minute": succeeded, "failed_last_minute": failed},
+        # Added with issue 12: the session whose snapshot holds back vacuum of jobs, or null.
+        "oldest_snapshot": snapshot.oldest(conn),
     }
 
 

@@ -41,7 +41,7 @@ import psycopg
 from psycopg import conninfo
 from psycopg import sql as pgsql
 
-from . import config, db
+from . import bench_snapshot, config, db
 from .context import current_job
 from .bench_peers import PEERS, log_tail
 from .errors import DJError
@@ -231,6 +231,7 @@ class _Bench:
         soak_rounds = math.ceil(soak_jobs / self.soak_round) if soak_jobs else 0
         # setup, bulk, single, drains, latency, soak rounds, rebuild steps, peers, cleanup
         total = 3 + len(processes) + 1 + soak_rounds + 1 + 2 * (REBUILD_ROUNDS + 1) + (len(PEERS) * (1 + len(processes)) if peers else 0) + 1
+        total += bench_snapshot.STEPS
         self.steps = _Steps(progress, total)
 
     def queue(self, part: str) -> str:
@@ -264,6 +265,7 @@ class _Bench:
                         result["latency_ms"] = self.latency(pool, q)
                     if p == biggest:
                         result["soak"] = self.soak(pool, q, p)
+                        result["old_snapshot"] = bench_snapshot.measure(self, pool, q, self.soak_jobs)
             if "latency_ms" not in result:  # 1 was not among the process counts
                 self.steps.start(f"latency: {LATENCY_RATE} enqueues/s for {self.latency_s:g} s")
                 with _WorkerPool(self.url, [self.queue("p1")], 1) as pool:
@@ -614,7 +616,7 @@ def run_bench(jobs: int | None = None, processes: Iterable[int] = (1, 2), peers:
     # The key order first, then the rest.
     order = ["raw_ceiling_per_s", "enqueue_single_per_s", "enqueue_single_own_conn_per_s", "insert_single_per_s",
              "enqueue_bulk_per_s",
-             "drain_per_s", "latency_ms", "soak", "rebuild", "peers", "machine", "config", "notes", "elapsed_s"]
+             "drain_per_s", "latency_ms", "soak", "old_snapshot", "rebuild", "peers", "machine", "config", "notes", "elapsed_s"]
     return _finite({k: doc[k] for k in order if k in doc} | {k: v for k, v in doc.items() if k not in order})
 
 
@@ -694,6 +696,7 @@ def table(doc: dict[str, Any]):
     t.add_row("jobs table before/peak/after",
               " / ".join(f"{s[k] / 2**20:.1f}" for k in ("table_bytes_before", "table_bytes_peak",
                                                         "table_bytes_after")) + " MiB", "bounded", "")
+    bench_snapshot.add_rows(t, doc, _n, _mark)
     r = doc["rebuild"]
     if _num(r.get("serial_s")) and _num(r.get("batched_s")):
         t.add_row(f"rebuild {r['answers']:,} answers: 1 job / {r['batch']}-id jobs (median of {r['rounds']})",

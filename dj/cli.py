@@ -317,7 +317,7 @@ def _status_table(doc: dict[str, Any]) -> Table:
                   title="dj status", caption=(
                       f"{doc['throughput']['succeeded_last_minute']} succeeded, "
                       f"{doc['throughput']['failed_last_minute']} failed in the last minute; "
-                      f"{len(doc['workers'])} worker(s)"))
+                      f"{len(doc['workers'])} worker(s); oldest snapshot: {_snapshot_note(doc['oldest_snapshot'])}"))
     for name, q in doc["queues"].items():
         table.add_row(escape(name), *(str(q[k]) for k in ("ready", "scheduled", "running", "retrying", "dead")),
                       f"{q['oldest_ready_age_s']:.1f}s")
@@ -325,6 +325,15 @@ def _status_table(doc: dict[str, Any]) -> Table:
     table.add_row("[bold]total", *(f"[bold]{t[k]}" for k in ("ready", "scheduled", "running", "retrying", "dead")),
                   "")
     return table
+
+
+def _snapshot_note(snap: dict[str, Any] | None) -> str:
+    if snap is None:
+        return "none"
+    from . import snapshot
+
+    text = escape(snapshot.describe(snap))
+    return f"[bold red]{text}[/bold red]" if snap["age_s"] >= snapshot.warn_after() else text
 
 
 @app.command()
@@ -547,6 +556,27 @@ def db_url(database_url: DatabaseUrl = None) -> None:
     """Print the URL dj uses: --database-url/DJ_DATABASE_URL, else the embedded server's."""
     _use(database_url)
     print(db.database_url())
+
+
+# --- doctor -------------------------------------------------------------------------------------
+
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as one JSON object.")] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Check the configured server for what dj needs: exit 0 all OK, 1 any WARN, 2 cannot check."""
+    from . import doctor as doctor_mod
+
+    _use(database_url)
+    report = doctor_mod.run()
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        for line in doctor_mod.lines(report):
+            out.print(escape(line), soft_wrap=True, highlight=False)
+    if report.status != "ok":
+        raise typer.Exit(1)
 
 
 # --- bench --------------------------------------------------------------------------------------

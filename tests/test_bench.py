@@ -42,6 +42,9 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
     assert doc["latency_ms"]["p50"] <= doc["latency_ms"]["p95"] <= doc["latency_ms"]["p99"]
     for key in ("first_per_s", "last_per_s", "ratio", "table_bytes_before", "table_bytes_after"):
         assert _number(doc["soak"][key]), key
+    for key in ("without_per_s", "with_per_s", "ratio", "held_s"):
+        assert _number(doc["old_snapshot"][key]), key
+    assert _number(doc["old_snapshot"]["latency_ms"]["p99"])
     for key in ("serial_s", "batched_s", "ratio"):
         assert _number(doc["rebuild"][key]), key
     assert doc["rebuild"]["correct"] is True
@@ -64,6 +67,7 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
     console.print(bench.table(doc))
     text = console.export_text()
     assert "drain, 2 processes" in text and "latency p50/p95/p99" in text and "rebuild" in text
+    assert "old snapshot" in text
 
 
 @pytest.mark.parametrize("text, expected", [("2", (1, 2)), ("3", (1, 2, 3)), ("1,4", (1, 4)), ("2,1", (1, 2))])
