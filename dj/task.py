@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 from . import config, connections, db, enqueueing, sql
 from .batches import Batch, current_batch
 from .enqueueing import COPY_AT, MAX_ARGS_BYTES, Call, Plan, arguments_json, row_params, to_json
-# Under their old names too: dj.testing makes the same checks as production before it records.
-from .enqueueing import arguments_json as _arguments_json, key_from_args as _key_from_args  # noqa: F401
 from .errors import DJError
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from . import batches, task as _task
+from . import batches, connections, enqueueing, task as _task
 from .context import JobContext, _set_current
 from .errors import DJError
 
@@ -140,7 +140,8 @@ class Jobs:
         o = enqueuer.options
         # The checks production makes before it writes, all of them before anything is recorded.
         _task._check_priority(o.priority)
-        prepared = [(*_task._arguments_json(args, kwargs), _task._key_from_args(o, enqueuer.name, args, kwargs))
+        _check_driver(o.conn)
+        prepared = [(*enqueueing.arguments_json(args, kwargs), enqueueing.key_from_args(o, enqueuer.name, args, kwargs))
                     for args, kwargs in calls]
         now = _now()
         run_at = _aware(o.run_at) if o.run_at is not None else now
@@ -380,6 +381,18 @@ def inline() -> Jobs:
 
 def _task_name(task: Any) -> str:
     return task.name if isinstance(task, _task.Enqueuer) else str(task)
+
+
+def _check_driver(conn: Any) -> None:
+    """Production refuses a SQLAlchemy `conn=` on another driver than psycopg when it writes;
+    refuse it here too, from the engine's dialect, which needs no connection."""
+    if conn is None or not type(conn).__module__.startswith("sqlalchemy."):
+        return  # `using()` has refused anything that is neither psycopg's nor SQLAlchemy's
+    try:
+        bind = conn.get_bind() if hasattr(conn, "get_bind") else conn
+    except Exception:  # noqa: BLE001 - a Session bound to nothing: production fails on its own terms
+        return
+    connections._check_driver(conn, bind.dialect)
 
 
 def _aware(moment: datetime) -> datetime:

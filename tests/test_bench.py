@@ -70,11 +70,13 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
     assert "old snapshot" in text
 
 
+@pytest.mark.no_database
 @pytest.mark.parametrize("text, expected", [("2", (1, 2)), ("3", (1, 2, 3)), ("1,4", (1, 4)), ("2,1", (1, 2))])
 def test_parse_processes(text, expected):
     assert bench.parse_processes(text) == expected
 
 
+@pytest.mark.no_database
 @pytest.mark.parametrize("text", ["0", "x", "1,-2", ""])
 def test_parse_processes_rejects_bad_input(text):
     with pytest.raises(bench.DJError):
@@ -87,6 +89,7 @@ def test_bad_processes_is_a_one_line_error(cli, db_url):
     assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.no_database
 def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 101)]
     assert bench.percentile(values, 50) == 50 and bench.percentile(values, 99) == 99
