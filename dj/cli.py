@@ -601,13 +601,16 @@ def bench(
                                         "(pip install 'djq\\[bench]').")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="A small run, well under a minute.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    only: Annotated[Optional[str], typer.Option("--only", help="Measure only these sections, comma-separated: "
+                                                "bulk, single, drain, latency, soak, old-snapshot, rebuild, peers.")
+                    ] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Measure drain, enqueue, latency, decay and rebuild speed on its own queues (see dj.bench)."""
     from . import bench as bench_mod
 
     _use(database_url)
-    bench_mod.cli(jobs, processes, peers, quick, as_json, out)
+    bench_mod.cli(jobs, processes, peers, quick, as_json, out, only=only)
 
 
 # --- web ----------------------------------------------------------------------------------------

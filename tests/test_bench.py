@@ -94,3 +94,23 @@ def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 101)]
     assert bench.percentile(values, 50) == 50 and bench.percentile(values, 99) == 99
     assert bench.percentile([3.0], 99) == 3.0
+
+
+def test_only_measures_the_named_sections_and_prints_their_rows(cli, db_url):
+    result = cli("bench", "--quick", "--json", "--only", "drain,latency", "--processes", "1", timeout=240)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert set(doc["drain_per_s"]) == {"1"} and _number(doc["drain_per_s"]["1"])
+    assert _number(doc["latency_ms"]["p99"])
+    for skipped in ("raw_ceiling_per_s", "enqueue_single_per_s", "soak", "old_snapshot", "rebuild", "peers"):
+        assert skipped not in doc, skipped
+    assert doc["config"]["only"] == ["drain", "latency"]
+    out = io.StringIO()
+    Console(file=out, width=200).print(bench.table(doc))
+    assert "drain, 1 process" in out.getvalue() and "soak" not in out.getvalue()
+
+
+def test_only_refuses_an_unknown_section(cli):
+    result = cli("bench", "--only", "drain,warp-speed")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: unknown bench section(s) warp-speed")
