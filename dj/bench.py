@@ -382,7 +382,8 @@ class _Bench:
                     rates[name].append(_rate(per_block, time.perf_counter() - t))
         self.conn.execute("DELETE FROM jobs WHERE queue = %s", (q,))
         # Medians of the blocks: one slow fsync streak must not decide the figure.
-        return tuple(statistics.median(rates[name]) for name in ("pooled", "own", "insert"))
+        median = {name: statistics.median(rates[name]) for name in rates}
+        return median["pooled"], median["own"], median["insert"]
 
     # --- draining -----------------------------------------------------------------------------
 

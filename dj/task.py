@@ -220,7 +220,7 @@ def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", pri
     `cron="*/5 * * * *"` makes running workers enqueue it, without arguments, once per tick (dj/cron.py).
     """
     if callable(name):  # used bare, as @job
-        return job()(name)  # type: ignore[no-any-return]
+        return job()(name)
     _check_priority(priority)
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
