@@ -136,7 +136,7 @@ class Jobs:
             self._runner.close()
             self._runner = None
 
-    def _intercept(self, enqueuer: _task.Enqueuer, calls: list[tuple[Sequence[Any], dict[str, Any]]]) -> list[int]:
+    def _intercept(self, enqueuer: _task.Enqueuer[Any, Any], calls: list[tuple[Sequence[Any], dict[str, Any]]]) -> list[int]:
         o = enqueuer.options
         # The checks production makes before it writes, all of them before anything is recorded.
         _task._check_priority(o.priority)
@@ -224,14 +224,14 @@ class Jobs:
 
     def assert_enqueued(self, task: Any = _ANY, *, count: int | None = None, **fields: Any) -> CapturedJob:
         """Fail unless a job not run yet matches (exactly `count` of them, if given); returns the first."""
-        return _assert_matches(self.jobs, "enqueued", task, count, fields)
+        return _assert_matches(self.jobs, "enqueued", task, _positive(count), fields)[0]
 
     def assert_not_enqueued(self, task: Any = _ANY, **fields: Any) -> None:
         _assert_matches(self.jobs, "enqueued", task, 0, fields)
 
     def assert_performed(self, task: Any = _ANY, *, count: int | None = None, **fields: Any) -> CapturedJob:
         """Like assert_enqueued, over the jobs that ran and returned."""
-        return _assert_matches(self.performed, "performed", task, count, fields)
+        return _assert_matches(self.performed, "performed", task, _positive(count), fields)[0]
 
     def clear(self) -> None:
         """Forget every job: not run yet, performed and failed (unique keys are free again)."""
@@ -422,18 +422,25 @@ def _field_matches(record: CapturedJob, name: str, expected: Any, tolerance: tim
         if expected is None:
             return not record.scheduled
         if isinstance(expected, timedelta):
-            return abs(actual - record.enqueued_at - expected) <= tolerance
-        return abs(actual - _aware(expected)) <= tolerance
+            return abs(record.run_at - record.enqueued_at - expected) <= tolerance
+        return abs(record.run_at - _aware(expected)) <= tolerance
     if callable(expected) and name != "task":
         return bool(expected(actual))
     return bool(actual == expected)
 
 
+def _positive(count: int | None) -> int | None:
+    if count is not None and count < 1:
+        raise ValueError("count must be at least 1 (for none, use assert_not_enqueued)")
+    return count
+
+
 def _assert_matches(records: list[CapturedJob], what: str, task: Any, count: int | None,
-                    fields: dict[str, Any]) -> Any:
+                    fields: dict[str, Any]) -> list[CapturedJob]:
+    """The matching records, if there are `count` of them (None: at least one); else AssertionError."""
     found = _matching(records, task, fields)
     if (count is None and found) or (count is not None and len(found) == count):
-        return found[0] if found else None
+        return found
     wanted = ", ".join([*([f"task={_task_name(task)!r}"] if task is not _ANY else []),
                         *(f"{k}={v!r}" for k, v in fields.items())]) or "any job"
     listing = "\n".join(f"  {r!r}" for r in records) or "  (none)"

@@ -143,6 +143,8 @@ def test_assert_enqueued_returns_the_match_and_explains_a_miss(dj_jobs):
         dj_jobs.assert_enqueued(tm_record, count=2)
     with pytest.raises(AssertionError, match="expected 0 enqueued"):
         dj_jobs.assert_not_enqueued(tm_record)
+    with pytest.raises(ValueError, match="assert_not_enqueued"):
+        dj_jobs.assert_enqueued(tm_record, count=0)
 
 
 def test_run_at_checks_take_a_moment_a_delay_or_none(dj_jobs):
