@@ -41,7 +41,7 @@ import psycopg
 from psycopg import conninfo
 from psycopg import sql as pgsql
 
-from . import bench_snapshot, config, db
+from . import bench_async, bench_snapshot, config, db
 from .context import current_job
 from .bench_peers import PEERS, log_tail
 from .errors import DJError
@@ -63,7 +63,7 @@ REBUILD_PROCESSES = 2
 REBUILD_ROUNDS = 3  # measured, after one warm-up round; the figures are their medians
 RAW_BATCH = 100
 # What `dj bench --only` can pick, in the order a full run measures them.
-SECTIONS = ("bulk", "single", "drain", "latency", "soak", "old-snapshot", "rebuild", "peers")
+SECTIONS = ("bulk", "single", "async-single", "drain", "latency", "soak", "old-snapshot", "rebuild", "peers")
 ROUNDS = 3  # the drains, the plain-SQL ceiling and the bulk enqueue are each the median of this many
 
 # The plain-SQL ceiling of the issue: claim and delete in batches, nothing else.
@@ -235,7 +235,7 @@ class _Bench:
         soak_rounds = math.ceil(soak_jobs / self.soak_round) if soak_jobs else 0
         # setup, bulk, single, drains, latency, soak rounds, rebuild steps, peers, cleanup
         total = 3 + len(processes) + 1 + soak_rounds + 1 + 2 * (REBUILD_ROUNDS + 1) + (len(PEERS) * (1 + len(processes)) if peers else 0) + 1
-        total += bench_snapshot.STEPS
+        total += bench_snapshot.STEPS + 1  # + async-single
         self.steps = _Steps(progress, total)
 
     def queue(self, part: str) -> str:
@@ -263,6 +263,8 @@ class _Bench:
                 self.steps.start("single enqueues vs bare INSERTs")
                 (result["enqueue_single_per_s"], result["enqueue_single_own_conn_per_s"],
                  result["insert_single_per_s"]) = self.single()
+            if self.wants("async-single"):
+                result["async_single"] = bench_async.measure(self)
             biggest = max(self.processes)
             for p in self.processes:
                 latency_here = self.wants("latency") and (p == 1 or (p == biggest and 1 not in self.processes))
@@ -634,7 +636,7 @@ def run_bench(jobs: int | None = None, processes: Iterable[int] = (1, 2), peers:
     doc = bench.execute()
     # The issue's key order first, then the rest.
     order = ["raw_ceiling_per_s", "enqueue_single_per_s", "enqueue_single_own_conn_per_s", "insert_single_per_s",
-             "enqueue_bulk_per_s",
+             "enqueue_bulk_per_s", "async_single",
              "drain_per_s", "latency_ms", "soak", "old_snapshot", "rebuild", "peers", "machine", "config", "notes", "elapsed_s"]
     return _finite({k: doc[k] for k in order if k in doc} | {k: v for k, v in doc.items() if k not in order})
 
@@ -729,6 +731,7 @@ def table(doc: dict[str, Any]):
         t.add_row("jobs table before/peak/after",
                   " / ".join(f"{s[k] / 2**20:.1f}" for k in ("table_bytes_before", "table_bytes_peak",
                                                             "table_bytes_after")) + " MiB", "bounded", "")
+    bench_async.add_rows(t, doc, _n, _mark)
     bench_snapshot.add_rows(t, doc, _n, _mark)
     r = doc.get("rebuild")
     if r is None:

@@ -184,7 +184,9 @@ class _AsyncPooled:
         self.url = url
 
     async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
-        self.pool = await async_pool(self.url)
+        # The pool's look-up inline: every async enqueue passes here.
+        p = _async_pools.get((self.url or database_url(), asyncio.get_running_loop()))
+        self.pool = p if p is not None else await async_pool(self.url)
         self.conn = await self.pool.getconn()
         return self.conn
 

@@ -35,6 +35,8 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
     for key in ("raw_ceiling_per_s", "enqueue_single_per_s", "enqueue_single_own_conn_per_s", "insert_single_per_s",
                 "enqueue_bulk_per_s"):
         assert _number(doc[key]) and doc[key] > 0, key
+    for key in ("enqueue_per_s", "insert_per_s", "ratio"):
+        assert _number(doc["async_single"][key]) and doc["async_single"][key] > 0, key
     assert set(doc["drain_per_s"]) == {"1", "2"}
     assert all(_number(v) and v > 0 for v in doc["drain_per_s"].values())
     for key in ("p50", "p95", "p99"):
@@ -67,7 +69,7 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
     console.print(bench.table(doc))
     text = console.export_text()
     assert "drain, 2 processes" in text and "latency p50/p95/p99" in text and "rebuild" in text
-    assert "old snapshot" in text
+    assert "old snapshot" in text and "enqueue_async, one per call" in text
 
 
 @pytest.mark.no_database
@@ -102,7 +104,8 @@ def test_only_measures_the_named_sections_and_prints_their_rows(cli, db_url):
     doc = json.loads(result.stdout)
     assert set(doc["drain_per_s"]) == {"1"} and _number(doc["drain_per_s"]["1"])
     assert _number(doc["latency_ms"]["p99"])
-    for skipped in ("raw_ceiling_per_s", "enqueue_single_per_s", "soak", "old_snapshot", "rebuild", "peers"):
+    for skipped in ("raw_ceiling_per_s", "enqueue_single_per_s", "async_single", "soak", "old_snapshot", "rebuild",
+                    "peers"):
         assert skipped not in doc, skipped
     assert doc["config"]["only"] == ["drain", "latency"]
     out = io.StringIO()
