@@ -10,7 +10,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .errors import DJError
-from . import sql
+from . import snapshot, sql
 from .sql import QUEUE_SETTINGS_CHANNEL
 
 STATES = ("ready", "scheduled", "running", "dead")
@@ -72,6 +72,8 @@ def status(conn: psycopg.Connection) -> dict[str, Any]:
         "totals": totals,
         "workers": workers,
         "throughput": {"succeeded_last_minute": succeeded, "failed_last_minute": failed},
+        # Added with issue 12: the session whose snapshot holds back vacuum of jobs, or null.
+        "oldest_snapshot": snapshot.oldest(conn),
     }
 
 
@@ -79,7 +81,8 @@ def list_jobs(conn: psycopg.Connection, state: str | None = None, queue: str | N
               limit: int = 50, *, task: str | None = None, after_id: int | None = None,
               before_id: int | None = None) -> list[dict[str, Any]]:
     """Jobs in id order. `after_id` / `before_id` page forwards / backwards (keyset paging)."""
-    where, params = [], []
+    where: list[str] = []
+    params: list[Any] = []
     if state is not None:
         if state not in STATE_SQL:
             raise DJError(f"unknown state {state!r}; choose one of {', '.join(STATES)}")

@@ -1,58 +1,77 @@
-"""`dj bench`'s async section: the 2-process drain of no-op coroutine jobs, against the sync drain.
+"""`dj bench`'s async-single section: one job per `await task.enqueue_async()` against a bare
+async INSERT round trip on the same pool (dj's AsyncConnectionPool for this loop).
 
-The same `dj work` (default flags) serves both kinds; the async jobs run on each process's event
-loop. Sync and async drains alternate, ROUNDS of each after a warm-up, on two worker pools that
-are both up, so that a change of load on the machine hits both alike; the ratio is of their medians.
+Both contenders take a connection from the pool and give it back the same way (getconn/putconn,
+as dj does), so the difference is what dj adds: encoding the arguments, the job's columns and
+its NOTIFY. They run in alternating blocks, so that a change of load hits both alike, and each
+figure is the median of its blocks.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 import statistics
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from .task import job
+from . import db
 
-if TYPE_CHECKING:
-    from .bench import _Bench, _WorkerPool
-
-PROCESSES = 2
-GOAL = 0.5  # of the sync drain in the same run
+BLOCKS = 7
+GOAL = 0.9  # of the bare INSERT's rate (issue 13)
 
 
-@job(name="dj.bench.async_noop")
-async def async_noop(*args: Any, **kwargs: Any) -> None:
-    """Does nothing, on the worker's event loop."""
+def measure(bench: Any) -> dict[str, Any]:
+    """Run the section; `bench` is the running dj.bench._Bench."""
+    bench.steps.start("async single enqueues vs bare async INSERTs")
+    q = bench.queue("async-single")
+    n = max(700, bench.jobs // 10)
+    result = asyncio.run(_measure(bench.url, q, math.ceil(n / BLOCKS)))
+    bench.conn.execute("DELETE FROM jobs WHERE queue = %s", (q,))
+    return result
 
 
-def measure(bench: "_Bench", sync_pool: "_WorkerPool", sync_queue: str) -> dict[str, Any]:
-    from .bench import ROUNDS, _rate, _WorkerPool
+async def _measure(url: str, q: str, per_block: int) -> dict[str, Any]:
+    from .bench import BARE_INSERT, noop
 
-    q = bench.queue(f"async{PROCESSES}")
+    pool = await db.async_pool(url)
+    target = noop.using(queue=q)
+    params = (q, noop.name)
 
-    def fill_and_drain(n: int) -> float:
-        async_noop.using(queue=q).enqueue_many([()] * n)
-        t0 = time.perf_counter()  # committed: the workers were woken by its NOTIFY
-        t1 = bench.wait_empty(pool, q, n)
-        bench.check_no_dead(q)
-        return _rate(n, t1 - t0)
+    async def insert() -> None:
+        conn = await pool.getconn()
+        try:
+            await (await conn.execute(BARE_INSERT, params)).fetchone()
+        finally:
+            await pool.putconn(conn)
 
-    with _WorkerPool(bench.url, [q], PROCESSES) as pool:
-        fill_and_drain(min(bench.jobs, 500))  # warm-up: the loops start with the first async job
-        sync, coroutines = [], []
-        for _ in range(ROUNDS):
-            sync.append(bench.fill_and_drain(sync_pool, sync_queue, bench.jobs))
-            coroutines.append(fill_and_drain(bench.jobs))
-    per_s, sync_per_s = statistics.median(coroutines), statistics.median(sync)
-    return {"processes": PROCESSES, "per_s": per_s, "sync_per_s": sync_per_s, "ratio": per_s / sync_per_s,
-            "rounds": {"async": coroutines, "sync": sync}}
+    contenders: dict[str, Callable[[], Awaitable[Any]]] = {"enqueue": target.enqueue_async, "insert": insert}
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    try:
+        for call in contenders.values():
+            for _ in range(20):  # warm-up: psycopg prepares a statement after a few runs
+                await call()
+        for _ in range(BLOCKS):
+            for name, call in contenders.items():
+                t = time.perf_counter()
+                for _ in range(per_block):
+                    await call()
+                rates[name].append(per_block / (time.perf_counter() - t))
+    finally:
+        await db.close_async_pools()
+    enqueue, insert_rate = statistics.median(rates["enqueue"]), statistics.median(rates["insert"])
+    return {"enqueue_per_s": enqueue, "insert_per_s": insert_rate, "ratio": enqueue / insert_rate,
+            "blocks": BLOCKS, "per_block": per_block,
+            "enqueue_blocks_per_s": rates["enqueue"], "insert_blocks_per_s": rates["insert"]}
 
 
-def row(doc: dict[str, Any]) -> tuple[str, str, str, bool] | None:
-    """The table row: label, result, goal, met."""
-    a = doc.get("drain_async")
-    if not a:
-        return None
-    return (f"drain of async no-op jobs, {a['processes']} processes", f"{a['per_s']:,.0f}/s",
-            f">= {GOAL:.0%} of the sync drain run alternately ({a['sync_per_s']:,.0f}/s): {a['ratio']:.0%}",
-            a["ratio"] >= GOAL)
+def add_rows(t: Any, doc: dict[str, Any], n: Any, mark: Any) -> None:
+    """The section's rows in `dj bench`'s table."""
+    s = doc.get("async_single")
+    if not s:
+        return
+    ratio = s["ratio"]
+    t.add_row("enqueue_async, one per call, dj's async pool", n(s["enqueue_per_s"]),
+              f">= {GOAL:.0%} of bare async INSERT ({ratio:.0%})", mark(ratio >= GOAL))
+    t.add_row("bare async INSERT, same pool", n(s["insert_per_s"]), "", "")

@@ -320,7 +320,7 @@ def _status_table(doc: dict[str, Any]) -> Table:
                   title="dj status", caption=(
                       f"{doc['throughput']['succeeded_last_minute']} succeeded, "
                       f"{doc['throughput']['failed_last_minute']} failed in the last minute; "
-                      f"{len(doc['workers'])} worker(s)"))
+                      f"{len(doc['workers'])} worker(s); oldest snapshot: {_snapshot_note(doc['oldest_snapshot'])}"))
     for name, q in doc["queues"].items():
         table.add_row(escape(name), *(str(q[k]) for k in ("ready", "scheduled", "running", "retrying", "dead")),
                       f"{q['oldest_ready_age_s']:.1f}s")
@@ -328,6 +328,15 @@ def _status_table(doc: dict[str, Any]) -> Table:
     table.add_row("[bold]total", *(f"[bold]{t[k]}" for k in ("ready", "scheduled", "running", "retrying", "dead")),
                   "")
     return table
+
+
+def _snapshot_note(snap: dict[str, Any] | None) -> str:
+    if snap is None:
+        return "none"
+    from . import snapshot
+
+    text = escape(snapshot.describe(snap))
+    return f"[bold red]{text}[/bold red]" if snap["age_s"] >= snapshot.warn_after() else text
 
 
 @app.command()
@@ -521,14 +530,24 @@ def counters_check(database_url: DatabaseUrl = None) -> None:
 
 @app.command()
 def demo(
-    scale: Annotated[str, typer.Option(help="small, default or large.")] = "default",
+    what: Annotated[str, typer.Argument(help="workload: seeding, rebuilds, rebuilds under live writes; "
+                                             "work-it: the tutorials' web app, mail in the request vs enqueued.")
+                    ] = "workload",
+    scale: Annotated[str, typer.Option(help="workload: small, default or large.")] = "default",
+    forms: Annotated[int, typer.Option(help="work-it: forms to post per mode.", min=1)] = 200,
+    clients: Annotated[int, typer.Option(help="work-it: concurrent clients.", min=1)] = 10,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Run the whole workload end to end and print the timings."""
+    """Run the whole workload end to end, or the work-it app, and print the timings."""
     from tasks import demo as demo_mod
 
     _use(database_url)
-    demo_mod.run(scale=scale, console=out)
+    if what == "work-it":
+        demo_mod.run_work_it(forms=forms, clients=clients, console=out)
+    elif what == "workload":
+        demo_mod.run(scale=scale, console=out)
+    else:
+        raise DJError(f"unknown demo {what!r}; choose workload or work-it")
 
 
 # --- the embedded server ------------------------------------------------------------------------
@@ -552,6 +571,27 @@ def db_url(database_url: DatabaseUrl = None) -> None:
     print(db.database_url())
 
 
+# --- doctor -------------------------------------------------------------------------------------
+
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as one JSON object.")] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Check the configured server for what dj needs: exit 0 all OK, 1 any WARN, 2 cannot check."""
+    from . import doctor as doctor_mod
+
+    _use(database_url)
+    report = doctor_mod.run()
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        for line in doctor_mod.lines(report):
+            out.print(escape(line), soft_wrap=True, highlight=False)
+    if report.status != "ok":
+        raise typer.Exit(1)
+
+
 # --- bench --------------------------------------------------------------------------------------
 
 @app.command()
@@ -564,13 +604,16 @@ def bench(
                                         "(pip install 'djq\\[bench]').")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="A small run, well under a minute.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    only: Annotated[Optional[str], typer.Option("--only", help="Measure only these sections, comma-separated: "
+                                                "bulk, single, drain, latency, soak, old-snapshot, rebuild, peers.")
+                    ] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Measure drain, enqueue, latency, decay and rebuild speed on its own queues (see dj.bench)."""
     from . import bench as bench_mod
 
     _use(database_url)
-    bench_mod.cli(jobs, processes, peers, quick, as_json, out)
+    bench_mod.cli(jobs, processes, peers, quick, as_json, out, only=only)
 
 
 # --- web ----------------------------------------------------------------------------------------

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterator
-from contextlib import AbstractContextManager as ContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager as AsyncContextManager, AbstractContextManager as ContextManager, \
+    contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from . import config, embedded, pooler
+from . import config, connections, embedded, pooler
 from .errors import SchemaMissing
+
+if TYPE_CHECKING:
+    from .connections import Conn
 
 _override: str | None = None
 _embedded_url: str | None = None
 _pools: dict[str, ConnectionPool] = {}
 _pools_lock = threading.Lock()
+# An AsyncConnectionPool belongs to the event loop it was opened on (its lock and its tasks do),
+# so there is one per URL per loop: an app with several loops (a thread each, or pytest-asyncio's
+# loop per test) gets a pool on each.
+_async_pools: dict[tuple[str, asyncio.AbstractEventLoop], AsyncConnectionPool] = {}
+_async_opening: dict[tuple[str, asyncio.AbstractEventLoop], asyncio.Lock] = {}
 
 
 def use_database(url: str | None) -> None:
@@ -37,7 +48,7 @@ def database_url() -> str:
     return _embedded_url
 
 
-def connect(url: str | None = None, *, autocommit: bool = False, **kwargs) -> psycopg.Connection:
+def connect(url: str | None = None, *, autocommit: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
     """A new connection; errors are one masked line (DatabaseUnavailable). Behind a pooler it
     prepares no statements (see dj.pooler)."""
     return pooler.connect(url or database_url(), autocommit=autocommit, **kwargs)
@@ -56,13 +67,21 @@ def pool(url: str | None = None) -> ConnectionPool:
             # Autocommit: an enqueue is one pipelined round trip with no BEGIN/COMMIT around it;
             # transaction() opens a real transaction block itself.
             p = ConnectionPool(url, min_size=1, max_size=10, open=False, name="dj",
-                               kwargs={"autocommit": True}, configure=lambda c: pooler.adapt(c, url))
+                               kwargs={"autocommit": True}, configure=_configure(url))
             # Waiting for the first connection keeps a one-thread enqueuer on one connection: a
             # request made before it is ready grows the pool, and psycopg_pool hands its idle
             # connections out in turn, so each call would meet a cold backend (10-15% slower).
             p.open(wait=True, timeout=10)
             _pools[url] = p
         return p
+
+
+def _configure(url: str) -> Callable[[psycopg.Connection[Any]], None]:
+    """The pool's set-up of each new connection: see dj.pooler."""
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        pooler.adapt(conn, url)
+
+    return configure
 
 
 @contextmanager
@@ -99,14 +118,104 @@ def connection(url: str | None = None) -> ContextManager[psycopg.Connection]:
     return _Pooled(pool(url))
 
 
-def borrow(conn: psycopg.Connection | None = None, url: str | None = None) -> ContextManager[psycopg.Connection]:
-    """The caller's connection as it is (their transaction decides), or a pooled autocommit one."""
-    return nullcontext(conn) if conn is not None else _Pooled(pool(url))
+def borrow(conn: Conn | None = None, url: str | None = None) -> ContextManager[psycopg.Connection[Any]]:
+    """The caller's connection as it is (their transaction decides; see dj/connections.py), or a
+    pooled autocommit one. TypeError for an async one."""
+    return nullcontext(connections.sync_connection(conn)) if conn is not None else _Pooled(pool(url))
+
+
+# --- asyncio ---------------------------------------------------------------------------------------
+
+async def async_pool(url: str | None = None) -> AsyncConnectionPool:
+    """This event loop's pool for `url`: the async counterpart of pool()."""
+    url = url or database_url()
+    key = (url, asyncio.get_running_loop())
+    p = _async_pools.get(key)
+    if p is not None:
+        return p
+    async with _async_opening.setdefault(key, asyncio.Lock()):
+        p = _async_pools.get(key)
+        if p is None:
+            _forget_closed_loops()
+            # A clear error instead of a pool timeout, and whether a pooler is in front (once per
+            # URL and process, on a thread: dj.pooler speaks sync psycopg).
+            proxied = await asyncio.to_thread(_check_reachable, url)
+
+            async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+                if proxied:  # see dj.pooler: no prepared statements behind a transaction pooler
+                    conn.prepare_threshold = None
+
+            p = AsyncConnectionPool(url, min_size=1, max_size=10, open=False, name="dj-async",
+                                    kwargs={"autocommit": True}, configure=configure)
+            await p.open(wait=True, timeout=10)  # see pool() on why it waits
+            _async_pools[key] = p
+    return p
+
+
+def _check_reachable(url: str) -> bool:
+    """Connect once (DatabaseUnavailable if that fails); whether a pooler answers for the server."""
+    with pooler.connect(url) as conn:
+        return pooler.behind_proxy(conn, url)
+
+
+def _forget_closed_loops() -> None:
+    """Drop the pools of loops that have been closed (asyncio.run() has returned, say). They cannot
+    be closed any more (their loop is gone); their connections close as they are collected."""
+    for key in [k for k in _async_pools if k[1].is_closed()]:
+        del _async_pools[key]
+        _async_opening.pop(key, None)
+
+
+async def close_async_pools() -> None:
+    """Close this event loop's pools: for an app's shutdown (Starlette's lifespan, say)."""
+    loop = asyncio.get_running_loop()
+    for key in [k for k in _async_pools if k[1] is loop]:
+        await _async_pools.pop(key).close()
+        _async_opening.pop(key, None)
+
+
+class _AsyncPooled:
+    """An async pooled connection for an `async with` block, without the pool's own connection()
+    overhead (see _Pooled)."""
+
+    __slots__ = ("url", "pool", "conn")
+
+    def __init__(self, url: str | None):
+        self.url = url
+
+    async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
+        # The pool's look-up inline: every async enqueue passes here.
+        p = _async_pools.get((self.url or database_url(), asyncio.get_running_loop()))
+        self.pool = p if p is not None else await async_pool(self.url)
+        self.conn = await self.pool.getconn()
+        return self.conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pool.putconn(self.conn)
+
+
+class _AsyncBorrowed:
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Conn):
+        self.obj = obj
+
+    async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
+        return await connections.async_connection(self.obj)
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass
+
+
+def borrow_async(conn: Conn | None = None,
+                 url: str | None = None) -> AsyncContextManager[psycopg.AsyncConnection[Any]]:
+    """The async counterpart of borrow(). TypeError (on entry) for a sync connection."""
+    return _AsyncBorrowed(conn) if conn is not None else _AsyncPooled(url)
 
 
 def ensure_schema(conn: psycopg.Connection) -> None:
     row = conn.execute("SELECT to_regclass('jobs') IS NOT NULL AND to_regclass('workers') IS NOT NULL").fetchone()
-    if not row[0]:
+    if not (row and row[0]):
         raise SchemaMissing(_display_url(conn))
 
 

@@ -138,3 +138,20 @@ class CronRun(Base):
     last_tick: Mapped[datetime] = mapped_column(TZ, nullable=False)
     last_job_id: Mapped[int | None] = mapped_column(BigInteger)
     fired_at: Mapped[datetime | None] = mapped_column(TZ)
+
+
+class Maintenance(Base):
+    """A chore one worker at a time does for all, taken as a lease on its row: today only
+    'vacuum jobs' (dj/vacuum.py). `dead_after` is how many dead rows the last run left behind (those
+    an old snapshot still needed), so the next run waits for new ones."""
+
+    __tablename__ = "maintenance"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    holder: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[datetime] = mapped_column(TZ, nullable=False, server_default=text("'-infinity'"))
+    started_at: Mapped[datetime | None] = mapped_column(TZ)
+    finished_at: Mapped[datetime | None] = mapped_column(TZ)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    dead_after: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    runs: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")

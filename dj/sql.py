@@ -347,3 +347,72 @@ DELETE FROM workers WHERE heartbeat_at < now() - %(lock_timeout)s * interval '1 
 """
 
 PRUNE_STATS = "DELETE FROM job_stats WHERE bucket < now() - interval '1 day'"
+
+# --- vacuum --------------------------------------------------------------------------------------
+# Every job leaves two dead row versions in jobs (the claim's update and the success's delete) and
+# dead entries in each index. Autovacuum visits a database once per autovacuum_naptime (1 min on a
+# stock server) or never (autovacuum off), and at tens of thousands of jobs a second the dead rows
+# in between make the heap grow and every claim walk dead index entries. So workers vacuum jobs
+# themselves (dj/vacuum.py), one at a time, elected through the 'vacuum jobs' row of maintenance.
+
+# Take the chore if it is due and nobody holds it. One statement, so two workers cannot both take
+# it: the second waits for the first's row lock, re-reads the row and finds the lease taken.
+# Due means: pg_stat counts at least %(min_dead)s + %(scale)s x live rows dead rows more than the
+# last run left (those it had to leave for an old snapshot do not count again), and no snapshot in
+# this database is older than the last run's start: such a snapshot still needs every row that run
+# left, so a new run would read the whole table and free nothing. A lease, not a session advisory
+# lock: behind a transaction pooler a session lock belongs to whoever gets the connection next.
+TAKE_VACUUM_LEASE = """
+UPDATE maintenance AS m
+SET holder = %(worker)s, lease_until = now() + %(lease)s * interval '1 second', started_at = now()
+FROM (SELECT n_dead_tup, n_live_tup FROM pg_stat_user_tables WHERE relid = 'jobs'::regclass) AS s
+WHERE m.name = 'vacuum jobs' AND m.lease_until < now()
+  AND s.n_dead_tup >= m.dead_after + %(min_dead)s + %(scale)s * s.n_live_tup
+  AND NOT EXISTS (
+      SELECT FROM pg_stat_activity AS a
+      WHERE a.datname = current_database() AND a.backend_type = 'client backend'
+        AND a.backend_xmin IS NOT NULL AND a.xact_start < m.started_at)
+RETURNING s.n_dead_tup
+"""
+
+# The chore's row, for a database whose rows were emptied (tests truncate every table): taken once
+# by each worker as it starts.
+ENSURE_VACUUM_ROW = "INSERT INTO maintenance (name) VALUES ('vacuum jobs') ON CONFLICT (name) DO NOTHING"
+
+# Plain VACUUM: it takes no lock that stops claims or completions. It cannot run in a transaction
+# block, so it goes alone on an autocommit connection (which a transaction pooler also passes).
+# SKIP_LOCKED: if autovacuum (or someone) is vacuuming jobs already, return at once instead of
+# waiting behind it with the lease held.
+VACUUM_JOBS = "VACUUM (SKIP_LOCKED) jobs"
+
+# Hand the chore back. dead_after: what pg_stat counts as dead now, which right after a vacuum is
+# the rows it had to leave because a snapshot still needs them.
+END_VACUUM_LEASE = """
+UPDATE maintenance
+SET lease_until = now(), finished_at = now(), seconds = %(seconds)s, runs = runs + 1,
+    dead_after = coalesce((SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'jobs'::regclass), 0)
+WHERE name = 'vacuum jobs' AND holder = %(worker)s
+"""
+
+# The vacuum failed (the connection, a cancel): give the lease back so another worker can try.
+DROP_VACUUM_LEASE = """
+UPDATE maintenance SET lease_until = now() WHERE name = 'vacuum jobs' AND holder = %(worker)s
+"""
+
+# --- the oldest snapshot -------------------------------------------------------------------------
+
+# The session in this database whose snapshot holds back vacuum the most: the oldest backend_xmin
+# (a snapshot or transaction id that vacuum must still respect), so vacuum keeps every row version
+# deleted after it, and every claim still meets the index entries of the jobs drained since (see
+# CLAIM). age_s counts from the start of its transaction, which is when a REPEATABLE READ
+# report, a pg_dump or an idle-in-transaction connection took it. Sessions of other databases do
+# not hold back jobs' vacuum, and the asking session is left out. A role without pg_read_all_stats
+# sees no backend_xmin of other roles' sessions.
+OLDEST_SNAPSHOT = """
+SELECT pid, application_name, state, left(split_part(query, E'\\n', 1), 200),
+       greatest(0, extract(epoch FROM clock_timestamp() - coalesce(xact_start, query_start, backend_start)))::float8
+FROM pg_stat_activity
+WHERE datname = current_database() AND backend_xmin IS NOT NULL AND pid <> pg_backend_pid()
+ORDER BY age(backend_xmin) DESC, xact_start
+LIMIT 1
+"""

@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from .. import db
+from .. import db, snapshot
 from ..errors import DJError
 from . import metrics
 from .routes import ROUTES
@@ -39,6 +39,7 @@ def _templates() -> jinja2.Environment:
     env.filters["age"] = _age
     env.filters["when"] = _when
     env.filters["num"] = lambda n: f"{n:,}"
+    env.globals["snapshot_warn_after"] = snapshot.warn_after()
     return env
 
 

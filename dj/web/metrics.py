@@ -11,6 +11,8 @@
 | `dj_workers` | gauge | |
 | `dj_worker_running_jobs`, `dj_worker_heartbeat_age_seconds` | gauge | worker |
 | `dj_database_up` | gauge | |
+| `dj_oldest_snapshot_age_seconds` | gauge: age of the oldest snapshot holding back vacuum of jobs (0: none) | |
+| `dj_oldest_snapshot_info` | gauge, 1: the session that holds it | pid, application_name, state |
 
 The totals come from job_stats, which keeps 10-second buckets for a day. So that they never go
 down when old buckets are pruned, this process adds up what it sees: the first scrape counts every
@@ -126,6 +128,18 @@ class DJCollector(Collector):
             age.add_metric([w["name"]], w["heartbeat_age_s"])
         yield running
         yield age
+
+        snap = doc["oldest_snapshot"]
+        snap_age = GaugeMetricFamily("dj_oldest_snapshot_age_seconds",
+                                     "Age of the oldest snapshot in dj's database, which holds back vacuum of jobs "
+                                     "(0 if no other session holds one)")
+        snap_age.add_metric([], snap["age_s"] if snap else 0.0)
+        yield snap_age
+        info = GaugeMetricFamily("dj_oldest_snapshot_info", "The session holding the oldest snapshot",
+                                 labels=["pid", "application_name", "state"])
+        if snap:
+            info.add_metric([str(snap["pid"]), snap["application_name"], snap["state"]], 1)
+        yield info
 
 
 def registry(connection: Callable) -> CollectorRegistry:

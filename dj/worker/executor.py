@@ -389,7 +389,8 @@ class AsyncExecutor:
         in every sample for BLOCKED_SECONDS, while the loop's heartbeat (_beat) did not run once,
         is one step of that job that long: in one pass of the loop each task takes one step."""
         loop = self.loop
-        suspect, since, tick = None, 0.0, None
+        suspect: Claimed | None = None
+        since, tick = 0.0, -1.0
         while not self._closed.wait(TICK_SECONDS):
             current, now = asyncio.current_task(loop), time.monotonic()
             job = self._running.get(current) if current is not None else None
