@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 _current: contextvars.ContextVar["Batch | None"] = contextvars.ContextVar("dj_current_batch", default=None)
 
-# The test mode's seam (dj/testing.py), like dj.task's `_interceptor`: while set, batches open,
+# The test mode's seam (dj/testing/), like dj.task's `_interceptor`: while set, batches open,
 # close and record results through it, in memory.
 _recorder: Any = None
 

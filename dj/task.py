@@ -45,7 +45,7 @@ _registry: dict[str, Task[..., Any]] = {}
 PRIORITY_MIN, PRIORITY_MAX = -32768, 32767
 
 
-# The test mode's seam (dj/testing.py): while set, every enqueue path, sync or async, hands its
+# The test mode's seam (dj/testing/): while set, every enqueue path, sync or async, hands its
 # calls here instead of writing to a database, and returns what this returns as the job ids.
 Interceptor = Callable[["Enqueuer[Any, Any]", list[Call]], list[int]]
 _interceptor: Interceptor | None = None
