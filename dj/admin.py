@@ -81,7 +81,8 @@ def list_jobs(conn: psycopg.Connection, state: str | None = None, queue: str | N
               limit: int = 50, *, task: str | None = None, after_id: int | None = None,
               before_id: int | None = None) -> list[dict[str, Any]]:
     """Jobs in id order. `after_id` / `before_id` page forwards / backwards (keyset paging)."""
-    where, params = [], []
+    where: list[str] = []
+    params: list[Any] = []
     if state is not None:
         if state not in STATE_SQL:
             raise DJError(f"unknown state {state!r}; choose one of {', '.join(STATES)}")

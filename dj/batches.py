@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 _current: contextvars.ContextVar["Batch | None"] = contextvars.ContextVar("dj_current_batch", default=None)
 
-# The test mode's seam (dj/testing.py), like dj.task's `_interceptor`: while set, batches open,
+# The test mode's seam (dj/testing/), like dj.task's `_interceptor`: while set, batches open,
 # close and record results through it, in memory.
 _recorder: Any = None
 
@@ -53,7 +53,7 @@ class Batch:
         if _recorder is not None:
             self.id = _recorder.open_batch(self)
         else:
-            with db.borrow(self._conn) as conn:  # type: ignore[arg-type]
+            with db.borrow(self._conn) as conn:
                 self.id = conn.execute(sql.OPEN_BATCH, self._row).fetchone()[0]  # type: ignore[index]
         self._token = _current.set(self)
         return self
@@ -61,14 +61,14 @@ class Batch:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if self._leave(exc_type):
-            with db.borrow(self._conn) as conn:  # type: ignore[arg-type]
+            with db.borrow(self._conn) as conn:
                 conn.execute(sql.CLOSE_BATCH, {"id": self.id, "total": self.total})
 
     async def __aenter__(self) -> Batch:
         if _recorder is not None:
             self.id = _recorder.open_batch(self)
         else:
-            async with db.borrow_async(self._conn) as conn:  # type: ignore[arg-type]
+            async with db.borrow_async(self._conn) as conn:
                 self.id = (await (await conn.execute(sql.OPEN_BATCH, self._row)).fetchone())[0]  # type: ignore[index]
         self._token = _current.set(self)
         return self
@@ -76,7 +76,7 @@ class Batch:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         if self._leave(exc_type):
-            async with db.borrow_async(self._conn) as conn:  # type: ignore[arg-type]
+            async with db.borrow_async(self._conn) as conn:
                 await conn.execute(sql.CLOSE_BATCH, {"id": self.id, "total": self.total})
 
     def _leave(self, exc_type: type[BaseException] | None) -> bool:
@@ -111,6 +111,7 @@ def record_result(batch_id: int, result: Any) -> None:
     from .task import to_json
 
     if _recorder is not None:
-        return _recorder.record_result(batch_id, result)
+        _recorder.record_result(batch_id, result)
+        return
     with db.transaction() as conn:
         conn.execute("UPDATE batches SET result = %s::jsonb WHERE id = %s", (to_json(result, "result"), batch_id))

@@ -41,7 +41,7 @@ import psycopg
 from psycopg import conninfo
 from psycopg import sql as pgsql
 
-from . import bench_snapshot, config, db
+from . import bench_async, bench_snapshot, config, db
 from .context import current_job
 from .bench_peers import PEERS, log_tail
 from .errors import DJError
@@ -62,6 +62,8 @@ REBUILD_BATCH = 1_000
 REBUILD_PROCESSES = 2
 REBUILD_ROUNDS = 3  # measured, after one warm-up round; the figures are their medians
 RAW_BATCH = 100
+# What `dj bench --only` can pick, in the order a full run measures them.
+SECTIONS = ("bulk", "single", "async-single", "drain", "latency", "soak", "old-snapshot", "rebuild", "peers")
 ROUNDS = 3  # the drains, the plain-SQL ceiling and the bulk enqueue are each the median of this many
 
 # The plain-SQL ceiling of the issue: claim and delete in batches, nothing else.
@@ -212,8 +214,10 @@ class _WorkerPool:
 
 class _Bench:
     def __init__(self, url: str, jobs: int, processes: tuple[int, ...], peers: bool, quick: bool,
-                 progress: Progress | None, soak_jobs: int, latency_s: float, rebuild_size: tuple[int, int]):
+                 progress: Progress | None, soak_jobs: int, latency_s: float, rebuild_size: tuple[int, int],
+                 only: frozenset[str] | None = None):
         self.url = url
+        self.only = only
         self.jobs = jobs
         self.processes = processes
         self.peers = peers
@@ -231,11 +235,15 @@ class _Bench:
         soak_rounds = math.ceil(soak_jobs / self.soak_round) if soak_jobs else 0
         # setup, bulk, single, drains, latency, soak rounds, rebuild steps, peers, cleanup
         total = 3 + len(processes) + 1 + soak_rounds + 1 + 2 * (REBUILD_ROUNDS + 1) + (len(PEERS) * (1 + len(processes)) if peers else 0) + 1
-        total += bench_snapshot.STEPS
+        total += bench_snapshot.STEPS + 1  # + async-single
         self.steps = _Steps(progress, total)
 
     def queue(self, part: str) -> str:
         return self.prefix + part
+
+    def wants(self, section: str) -> bool:
+        """Whether this run measures `section` (one of SECTIONS): all of them unless --only."""
+        return self.only is None or section in self.only
 
     # --- orchestration ------------------------------------------------------------------------
 
@@ -248,36 +256,43 @@ class _Bench:
         self.conn = db.connect(self.url, autocommit=True)
         result: dict[str, Any] = {"machine": self.machine()}
         try:
-            self.steps.start(f"enqueue_many {self.jobs:,} jobs, then the plain-SQL ceiling")
-            result["enqueue_bulk_per_s"], result["raw_ceiling_per_s"] = self.bulk_and_raw()
-            self.steps.start("single enqueues vs bare INSERTs")
-            (result["enqueue_single_per_s"], result["enqueue_single_own_conn_per_s"],
-             result["insert_single_per_s"]) = self.single()
-            result["drain_per_s"] = {}
+            if self.wants("bulk"):
+                self.steps.start(f"enqueue_many {self.jobs:,} jobs, then the plain-SQL ceiling")
+                result["enqueue_bulk_per_s"], result["raw_ceiling_per_s"] = self.bulk_and_raw()
+            if self.wants("single"):
+                self.steps.start("single enqueues vs bare INSERTs")
+                (result["enqueue_single_per_s"], result["enqueue_single_own_conn_per_s"],
+                 result["insert_single_per_s"]) = self.single()
+            if self.wants("async-single"):
+                result["async_single"] = bench_async.measure(self)
             biggest = max(self.processes)
             for p in self.processes:
-                self.steps.start(f"drain {self.jobs:,} jobs with {p} process{'es' if p > 1 else ''}")
+                latency_here = self.wants("latency") and (p == 1 or (p == biggest and 1 not in self.processes))
+                long_runs = p == biggest and (self.wants("soak") or self.wants("old-snapshot"))
+                if not (self.wants("drain") or latency_here or long_runs):
+                    continue
                 q = self.queue(f"p{p}")
                 with _WorkerPool(self.url, [q], p) as pool:
-                    result["drain_per_s"][str(p)] = self.drain(pool, q, self.jobs)
-                    if p == 1:
+                    if self.wants("drain"):
+                        self.steps.start(f"drain {self.jobs:,} jobs with {p} process{'es' if p > 1 else ''}")
+                        result.setdefault("drain_per_s", {})[str(p)] = self.drain(pool, q, self.jobs)
+                    if latency_here:
                         self.steps.start(f"latency: {LATENCY_RATE} enqueues/s for {self.latency_s:g} s")
                         result["latency_ms"] = self.latency(pool, q)
-                    if p == biggest:
+                    if p == biggest and self.wants("soak"):
                         result["soak"] = self.soak(pool, q, p)
+                    if p == biggest and self.wants("old-snapshot"):
                         result["old_snapshot"] = bench_snapshot.measure(self, pool, q, self.soak_jobs)
-            if "latency_ms" not in result:  # 1 was not among the process counts
-                self.steps.start(f"latency: {LATENCY_RATE} enqueues/s for {self.latency_s:g} s")
-                with _WorkerPool(self.url, [self.queue("p1")], 1) as pool:
-                    result["latency_ms"] = self.latency(pool, self.queue("p1"))
-            result["rebuild"] = self.rebuild()
-            if self.peers:
+            if self.wants("rebuild"):
+                result["rebuild"] = self.rebuild()
+            if self.peers or (self.only is not None and "peers" in self.only):
                 result["peers"] = self.measure_peers()
         finally:
             self.steps.start("cleaning up")
             self.cleanup()
             self.steps.finish()
         result["config"] = {
+            "only": sorted(self.only) if self.only is not None else None,
             "jobs": self.jobs, "processes": list(self.processes), "quick": self.quick,
             "soak_jobs": self.soak_jobs, "soak_round": self.soak_round, "latency_rate_per_s": LATENCY_RATE,
             "latency_s": self.latency_s, "rebuild_questions": self.rebuild_size[0],
@@ -299,7 +314,7 @@ class _Bench:
         try:
             from importlib.metadata import version
 
-            dj_version = version("dj")
+            dj_version = version("djq")  # the distribution's name; the package is dj
         except Exception:  # noqa: BLE001 - running from a source tree
             dj_version = "unknown"
         return {
@@ -369,7 +384,8 @@ class _Bench:
                     rates[name].append(_rate(per_block, time.perf_counter() - t))
         self.conn.execute("DELETE FROM jobs WHERE queue = %s", (q,))
         # Medians of the blocks: one slow fsync streak must not decide the figure.
-        return tuple(statistics.median(rates[name]) for name in ("pooled", "own", "insert"))
+        median = {name: statistics.median(rates[name]) for name in rates}
+        return median["pooled"], median["own"], median["insert"]
 
     # --- draining -----------------------------------------------------------------------------
 
@@ -593,8 +609,12 @@ class _Bench:
 
 def run_bench(jobs: int | None = None, processes: Iterable[int] = (1, 2), peers: bool = False,
               quick: bool = False, progress: Progress | None = None, *, soak_jobs: int | None = None,
-              latency_s: float | None = None, rebuild_size: tuple[int, int] | None = None) -> dict[str, Any]:
+              latency_s: float | None = None, rebuild_size: tuple[int, int] | None = None,
+              only: Iterable[str] | None = None) -> dict[str, Any]:
     """Measure dj on the configured database; returns the document `dj bench --json` prints.
+
+    `only` names the sections to measure (SECTIONS); None measures them all (and the peers only
+    with `peers`).
 
     `jobs` (no-op jobs per drain and bulk enqueue) None means 10,000, or 2,000 with `quick`. `quick` also shrinks the soak (20,000 jobs),
     the latency run (1 s) and the rebuild (2k questions, 20k answers).
@@ -606,8 +626,9 @@ def run_bench(jobs: int | None = None, processes: Iterable[int] = (1, 2), peers:
     procs = tuple(sorted(set(processes)))
     if not procs or procs[0] < 1:
         raise DJError("process counts must be positive")
+    sections = _sections(only)
     bench = _Bench(
-        db.database_url(), jobs, procs, peers, quick, progress,
+        db.database_url(), jobs, procs, peers, quick, progress, only=sections,
         soak_jobs=soak_jobs if soak_jobs is not None else (QUICK_SOAK_JOBS if quick else SOAK_JOBS),
         latency_s=latency_s if latency_s is not None else (QUICK_LATENCY_SECONDS if quick else LATENCY_SECONDS),
         rebuild_size=rebuild_size or (QUICK_REBUILD_SIZE if quick else REBUILD_SIZE),
@@ -615,9 +636,17 @@ def run_bench(jobs: int | None = None, processes: Iterable[int] = (1, 2), peers:
     doc = bench.execute()
     # The issue's key order first, then the rest.
     order = ["raw_ceiling_per_s", "enqueue_single_per_s", "enqueue_single_own_conn_per_s", "insert_single_per_s",
-             "enqueue_bulk_per_s",
+             "enqueue_bulk_per_s", "async_single",
              "drain_per_s", "latency_ms", "soak", "old_snapshot", "rebuild", "peers", "machine", "config", "notes", "elapsed_s"]
     return _finite({k: doc[k] for k in order if k in doc} | {k: v for k, v in doc.items() if k not in order})
+
+
+def _sections(only: Iterable[str] | None) -> frozenset[str] | None:
+    sections = None if only is None else frozenset(only)
+    if sections is not None and (not sections or sections - set(SECTIONS)):
+        raise DJError(f"unknown bench section(s) {', '.join(sorted(sections - set(SECTIONS))) or '(none)'}; "
+                      f"choose from {', '.join(SECTIONS)}")
+    return sections
 
 
 # --- presentation ---------------------------------------------------------------------------------
@@ -664,41 +693,50 @@ def table(doc: dict[str, Any]):
         f"({m['server']}), Python {m['python']}. {c['jobs']:,} no-op jobs per drain and bulk enqueue; "
         f"dj workers with default concurrency, started before the jobs arrive; rebuild on "
         f"{c['rebuild_processes']} processes; {doc['elapsed_s']:.0f} s in all."))
-    raw = doc["raw_ceiling_per_s"]
-    t.add_row(f"plain-SQL ceiling, batches of {RAW_BATCH}", _n(raw), "", "")
-    drains = doc["drain_per_s"]
+    raw = doc.get("raw_ceiling_per_s")
+    if "raw_ceiling_per_s" in doc:
+        t.add_row(f"plain-SQL ceiling, batches of {RAW_BATCH}", _n(raw), "", "")
+    drains = doc.get("drain_per_s", {})
     for p, rate in drains.items():
         goal, ok = "", None
-        if p == "2":
+        if p == "2" and raw is None:  # --only without the ceiling
+            goal, ok = ">= 12,000/s", _num(rate) and rate >= 12_000
+        elif p == "2":
             share = _ratio(rate, raw)
             goal = f">= 12,000/s, >= 50% of ceiling ({_pct(share)})"
             ok = _num(rate) and rate >= 12_000 and share is not None and share >= 0.5
         t.add_row(f"drain, {p} process{'es' if p != '1' else ''}", _n(rate), goal, _mark(ok))
-    bulk = doc["enqueue_bulk_per_s"]
-    t.add_row("enqueue_many (bulk)", _n(bulk), ">= 100,000/s", _mark(_num(bulk) and bulk >= 100_000))
-    insert = doc["insert_single_per_s"]
-    for label, key in (("enqueue, one per call, dj's pool", "enqueue_single_per_s"),
-                       ("enqueue, one per call, caller's conn", "enqueue_single_own_conn_per_s")):
-        share = _ratio(doc[key], insert)
-        t.add_row(label, _n(doc[key]), f">= 80% of bare INSERT ({_pct(share)})",
-                  _mark(share is not None and share >= 0.8))
-    t.add_row("bare INSERT per round trip", _n(insert), "", "")
-    lat = doc["latency_ms"]
+    bulk = doc.get("enqueue_bulk_per_s")
+    if "enqueue_bulk_per_s" in doc:
+        t.add_row("enqueue_many (bulk)", _n(bulk), ">= 100,000/s", _mark(_num(bulk) and bulk >= 100_000))
+    if "insert_single_per_s" in doc:
+        insert = doc["insert_single_per_s"]
+        for label, key in (("enqueue, one per call, dj's pool", "enqueue_single_per_s"),
+                           ("enqueue, one per call, caller's conn", "enqueue_single_own_conn_per_s")):
+            share = _ratio(doc[key], insert)
+            t.add_row(label, _n(doc[key]), f">= 80% of bare INSERT ({_pct(share)})",
+                      _mark(share is not None and share >= 0.8))
+        t.add_row("bare INSERT per round trip", _n(insert), "", "")
+    lat = doc.get("latency_ms", {})
     if all(_num(lat.get(k)) for k in ("p50", "p95", "p99")):
         t.add_row(f"latency p50/p95/p99 at {LATENCY_RATE}/s",
                   f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} ms", "p50 <= 5 ms, p99 <= 25 ms",
                   _mark(lat["p50"] <= 5 and lat["p99"] <= 25))
-    s = doc["soak"]
-    ratio = s.get("ratio")
-    t.add_row(f"soak {s['jobs']:,}: first/last {s['round']:,}",
-              f"{_n(s['first_per_s'])} / {_n(s['last_per_s'])}", f">= 90% ({_pct(ratio)})",
-              _mark(ratio is not None and ratio >= 0.9))
-    t.add_row("jobs table before/peak/after",
-              " / ".join(f"{s[k] / 2**20:.1f}" for k in ("table_bytes_before", "table_bytes_peak",
-                                                        "table_bytes_after")) + " MiB", "bounded", "")
+    if "soak" in doc:
+        s = doc["soak"]
+        ratio = s.get("ratio")
+        t.add_row(f"soak {s['jobs']:,}: first/last {s['round']:,}",
+                  f"{_n(s['first_per_s'])} / {_n(s['last_per_s'])}", f">= 90% ({_pct(ratio)})",
+                  _mark(ratio is not None and ratio >= 0.9))
+        t.add_row("jobs table before/peak/after",
+                  " / ".join(f"{s[k] / 2**20:.1f}" for k in ("table_bytes_before", "table_bytes_peak",
+                                                            "table_bytes_after")) + " MiB", "bounded", "")
+    bench_async.add_rows(t, doc, _n, _mark)
     bench_snapshot.add_rows(t, doc, _n, _mark)
-    r = doc["rebuild"]
-    if _num(r.get("serial_s")) and _num(r.get("batched_s")):
+    r = doc.get("rebuild")
+    if r is None:
+        pass
+    elif _num(r.get("serial_s")) and _num(r.get("batched_s")):
         t.add_row(f"rebuild {r['answers']:,} answers: 1 job / {r['batch']}-id jobs (median of {r['rounds']})",
                   f"{r['serial_s']:.2f} s / {r['batched_s']:.2f} s",
                   f"<= 0.6x ({r['ratio']:.2f}x)", _mark(r["ratio"] <= 0.6))
@@ -720,7 +758,8 @@ def table(doc: dict[str, Any]):
     return t
 
 
-def cli(jobs: int | None, processes: str, peers: bool, quick: bool, as_json: bool, console) -> None:
+def cli(jobs: int | None, processes: str, peers: bool, quick: bool, as_json: bool, console,
+        only: str | None = None) -> None:
     """What `dj bench` does: run with a progress bar on stderr, print the table or the JSON."""
     import json
 
@@ -728,6 +767,8 @@ def cli(jobs: int | None, processes: str, peers: bool, quick: bool, as_json: boo
     from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 
     counts = parse_processes(processes)
+    sections = None if only is None else [part.strip() for part in only.split(",") if part.strip()]
+    _sections(sections)  # a bad --only is one error line, before the progress bar draws anything
     bar = Bar(TextColumn("{task.description:<60}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
               console=Console(stderr=True), transient=True)
     with ExitStack() as stack:
@@ -737,7 +778,8 @@ def cli(jobs: int | None, processes: str, peers: bool, quick: bool, as_json: boo
         def progress(description: str, done: int, total: int) -> None:
             bar.update(task, description=description, completed=done, total=total)
 
-        doc = run_bench(jobs=jobs, processes=counts, peers=peers, quick=quick, progress=progress)
+        doc = run_bench(jobs=jobs, processes=counts, peers=peers, quick=quick, progress=progress,
+                        only=sections)
     if as_json:
         print(json.dumps(doc, indent=2))
     else:

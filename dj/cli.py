@@ -527,14 +527,24 @@ def counters_check(database_url: DatabaseUrl = None) -> None:
 
 @app.command()
 def demo(
-    scale: Annotated[str, typer.Option(help="small, default or large.")] = "default",
+    what: Annotated[str, typer.Argument(help="workload: seeding, rebuilds, rebuilds under live writes; "
+                                             "work-it: the tutorials' web app, mail in the request vs enqueued.")
+                    ] = "workload",
+    scale: Annotated[str, typer.Option(help="workload: small, default or large.")] = "default",
+    forms: Annotated[int, typer.Option(help="work-it: forms to post per mode.", min=1)] = 200,
+    clients: Annotated[int, typer.Option(help="work-it: concurrent clients.", min=1)] = 10,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Run the whole workload end to end and print the timings."""
+    """Run the whole workload end to end, or the work-it app, and print the timings."""
     from tasks import demo as demo_mod
 
     _use(database_url)
-    demo_mod.run(scale=scale, console=out)
+    if what == "work-it":
+        demo_mod.run_work_it(forms=forms, clients=clients, console=out)
+    elif what == "workload":
+        demo_mod.run(scale=scale, console=out)
+    else:
+        raise DJError(f"unknown demo {what!r}; choose workload or work-it")
 
 
 # --- the embedded server ------------------------------------------------------------------------
@@ -591,13 +601,16 @@ def bench(
                                         "(pip install 'djq\\[bench]').")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="A small run, well under a minute.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    only: Annotated[Optional[str], typer.Option("--only", help="Measure only these sections, comma-separated: "
+                                                "bulk, single, drain, latency, soak, old-snapshot, rebuild, peers.")
+                    ] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Measure drain, enqueue, latency, decay and rebuild speed on its own queues (see dj.bench)."""
     from . import bench as bench_mod
 
     _use(database_url)
-    bench_mod.cli(jobs, processes, peers, quick, as_json, out)
+    bench_mod.cli(jobs, processes, peers, quick, as_json, out, only=only)
 
 
 # --- web ----------------------------------------------------------------------------------------

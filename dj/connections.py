@@ -11,7 +11,7 @@ SQLAlchemy is imported only when such an object is passed: a plain `import dj` d
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import psycopg
 
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     SyncConn = Union[psycopg.Connection[Any], Session, SAConnection]
     AsyncConn = Union[psycopg.AsyncConnection[Any], AsyncSession, SAAsyncConnection]
     Conn = Union[SyncConn, AsyncConn]
+
+C = TypeVar("C")
 
 SYNC_KINDS = "a psycopg Connection, or a SQLAlchemy Session or Connection on the psycopg driver (postgresql+psycopg)"
 ASYNC_KINDS = ("a psycopg AsyncConnection, or a SQLAlchemy AsyncSession or AsyncConnection on the psycopg driver "
@@ -60,7 +62,14 @@ def _check_driver(obj: object, dialect: Any) -> None:
                         f"through psycopg 3: use an engine URL that starts with postgresql+psycopg://")
 
 
-def sync_connection(obj: Any) -> psycopg.Connection[Any]:
+def _driver(obj: object, driver: object, expected: type[C]) -> C:
+    if not isinstance(driver, expected):  # a dialect named psycopg over some other driver
+        raise TypeError(f"conn= got a SQLAlchemy {type(obj).__name__} whose driver connection is "
+                        f"{_name(driver)}, not a {expected.__module__}.{expected.__name__}")
+    return driver
+
+
+def sync_connection(obj: object) -> psycopg.Connection[Any]:
     """The psycopg connection under `obj`, in the transaction `obj` has open (begun, the way
     SQLAlchemy begins one before its first statement, if it has none yet)."""
     if isinstance(obj, psycopg.Connection):  # first: the common case, and cheap
@@ -68,32 +77,33 @@ def sync_connection(obj: Any) -> psycopg.Connection[Any]:
     if is_async(obj):
         raise TypeError(f"{_name(obj)} is async: use `await task.using(conn=...).enqueue_async(...)`, "
                         f"or pass enqueue() {SYNC_KINDS}")
+    from sqlalchemy.engine import Connection as SAConnection
     from sqlalchemy.orm import Session
 
     # Session.connection() joins the session's transaction, beginning it if needed.
     sa_conn = obj.connection() if isinstance(obj, Session) else obj
+    assert isinstance(sa_conn, SAConnection)  # is_async() let nothing else through
     _check_driver(obj, sa_conn.dialect)
     if not sa_conn.in_transaction():
         # Otherwise the caller's commit() would be a no-op for SQLAlchemy and the job, written
         # in psycopg's implicit transaction, would be rolled back when the connection is returned.
         sa_conn.begin()
-    driver: psycopg.Connection[Any] = sa_conn.connection.driver_connection
-    return driver
+    return _driver(obj, sa_conn.connection.driver_connection, psycopg.Connection)
 
 
-async def async_connection(obj: Any) -> psycopg.AsyncConnection[Any]:
+async def async_connection(obj: object) -> psycopg.AsyncConnection[Any]:
     """The psycopg AsyncConnection under `obj`, in its open transaction; see sync_connection()."""
     if isinstance(obj, psycopg.AsyncConnection):
         return obj
     if not is_async(obj):
         raise TypeError(f"{_name(obj)} is not async: use `task.using(conn=...).enqueue(...)`, "
                         f"or pass enqueue_async() {ASYNC_KINDS}")
-    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection, AsyncSession
 
     sa_conn = await obj.connection() if isinstance(obj, AsyncSession) else obj
+    assert isinstance(sa_conn, SAAsyncConnection)
     _check_driver(obj, sa_conn.dialect)
     if not sa_conn.in_transaction():
         await sa_conn.begin()
     raw = await sa_conn.get_raw_connection()
-    driver: psycopg.AsyncConnection[Any] = raw.driver_connection
-    return driver
+    return _driver(obj, raw.driver_connection, psycopg.AsyncConnection)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager as AsyncContextManager, AbstractContextManager as ContextManager, \
     contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
@@ -16,7 +16,7 @@ from . import config, connections, embedded, pooler
 from .errors import SchemaMissing
 
 if TYPE_CHECKING:
-    from .connections import AsyncConn, SyncConn
+    from .connections import Conn
 
 _override: str | None = None
 _embedded_url: str | None = None
@@ -67,13 +67,21 @@ def pool(url: str | None = None) -> ConnectionPool:
             # Autocommit: an enqueue is one pipelined round trip with no BEGIN/COMMIT around it;
             # transaction() opens a real transaction block itself.
             p = ConnectionPool(url, min_size=1, max_size=10, open=False, name="dj",
-                               kwargs={"autocommit": True}, configure=lambda c: pooler.adapt(c, url))
+                               kwargs={"autocommit": True}, configure=_configure(url))
             # Waiting for the first connection keeps a one-thread enqueuer on one connection: a
             # request made before it is ready grows the pool, and psycopg_pool hands its idle
             # connections out in turn, so each call would meet a cold backend (10-15% slower).
             p.open(wait=True, timeout=10)
             _pools[url] = p
         return p
+
+
+def _configure(url: str) -> Callable[[psycopg.Connection[Any]], None]:
+    """The pool's set-up of each new connection: see dj.pooler."""
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        pooler.adapt(conn, url)
+
+    return configure
 
 
 @contextmanager
@@ -110,9 +118,9 @@ def connection(url: str | None = None) -> ContextManager[psycopg.Connection]:
     return _Pooled(pool(url))
 
 
-def borrow(conn: SyncConn | None = None, url: str | None = None) -> ContextManager[psycopg.Connection[Any]]:
+def borrow(conn: Conn | None = None, url: str | None = None) -> ContextManager[psycopg.Connection[Any]]:
     """The caller's connection as it is (their transaction decides; see dj/connections.py), or a
-    pooled autocommit one."""
+    pooled autocommit one. TypeError for an async one."""
     return nullcontext(connections.sync_connection(conn)) if conn is not None else _Pooled(pool(url))
 
 
@@ -176,7 +184,9 @@ class _AsyncPooled:
         self.url = url
 
     async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
-        self.pool = await async_pool(self.url)
+        # The pool's look-up inline: every async enqueue passes here.
+        p = _async_pools.get((self.url or database_url(), asyncio.get_running_loop()))
+        self.pool = p if p is not None else await async_pool(self.url)
         self.conn = await self.pool.getconn()
         return self.conn
 
@@ -187,7 +197,7 @@ class _AsyncPooled:
 class _AsyncBorrowed:
     __slots__ = ("obj",)
 
-    def __init__(self, obj: AsyncConn):
+    def __init__(self, obj: Conn):
         self.obj = obj
 
     async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
@@ -197,15 +207,15 @@ class _AsyncBorrowed:
         pass
 
 
-def borrow_async(conn: AsyncConn | None = None,
+def borrow_async(conn: Conn | None = None,
                  url: str | None = None) -> AsyncContextManager[psycopg.AsyncConnection[Any]]:
-    """The async counterpart of borrow()."""
+    """The async counterpart of borrow(). TypeError (on entry) for a sync connection."""
     return _AsyncBorrowed(conn) if conn is not None else _AsyncPooled(url)
 
 
 def ensure_schema(conn: psycopg.Connection) -> None:
     row = conn.execute("SELECT to_regclass('jobs') IS NOT NULL AND to_regclass('workers') IS NOT NULL").fetchone()
-    if not row[0]:
+    if not (row and row[0]):
         raise SchemaMissing(_display_url(conn))
 
 

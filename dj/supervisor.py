@@ -11,6 +11,9 @@ import sys
 import time
 from typing import Any
 
+# Popen's process_group is Python 3.11's; setpgrp in the child does the same on 3.10.
+_OWN_GROUP: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
 import psycopg
 
 from . import db, logs
@@ -126,7 +129,7 @@ class Supervisor:
         # Own process group: a Ctrl-C in the terminal reaches only the supervisor, which forwards
         # one SIGTERM, instead of every child seeing the signal twice and stopping at once.
         child = subprocess.Popen([sys.executable, "-c", "from dj.supervisor import child_main; child_main()"],
-                                 env={**os.environ, _OPTIONS_ENV: self.spec}, process_group=0)
+                                 env={**os.environ, _OPTIONS_ENV: self.spec}, **_OWN_GROUP)
         self.started_at[child.pid] = time.monotonic()
         return child
 

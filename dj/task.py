@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 from . import config, connections, db, enqueueing, sql
 from .batches import Batch, current_batch
 from .enqueueing import COPY_AT, MAX_ARGS_BYTES, Call, Plan, arguments_json, row_params, to_json
-# Under their old names too: dj.testing makes the same checks as production before it records.
-from .enqueueing import arguments_json as _arguments_json, key_from_args as _key_from_args  # noqa: F401
 from .errors import DJError
 
 if TYPE_CHECKING:
@@ -47,7 +45,7 @@ _registry: dict[str, Task[..., Any]] = {}
 PRIORITY_MIN, PRIORITY_MAX = -32768, 32767
 
 
-# The test mode's seam (dj/testing.py): while set, every enqueue path, sync or async, hands its
+# The test mode's seam (dj/testing/): while set, every enqueue path, sync or async, hands its
 # calls here instead of writing to a database, and returns what this returns as the job ids.
 Interceptor = Callable[["Enqueuer[Any, Any]", list[Call]], list[int]]
 _interceptor: Interceptor | None = None
@@ -222,7 +220,7 @@ def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", pri
     `cron="*/5 * * * *"` makes running workers enqueue it, without arguments, once per tick (dj/cron.py).
     """
     if callable(name):  # used bare, as @job
-        return job()(name)  # type: ignore[no-any-return]
+        return job()(name)
     _check_priority(priority)
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")

@@ -12,6 +12,10 @@ sends it over SMTP to DJ_SMTP_URL:
 The default is smtp://localhost:1025, mailcatcher's port. The port defaults to 25 (smtp) or 465
 (smtps) when the URL has none. DJ_MAIL_FROM sets the sender, DJ_SMTP_TIMEOUT the socket timeout.
 
+Before sending, the job "fetches a giphy" for the thought, as work-it's mailer does: an external
+call that takes DJ_GIPHY_DELAY seconds (a number, or a range "0.1-0.3", the default). No network
+is reached; the delay is the point, since it is what made work-it's requests slow.
+
 Failures: an unreachable server, a dropped connection or a 4xx reply raises, so the job is retried
 with dj's backoff. A 5xx reply that refuses the recipient or the message is permanent
 (`dj.Permanent`): the job is dead at once, since sending it again cannot help.
@@ -20,7 +24,9 @@ with dj's backoff. A 5xx reply that refuses the recipient or the message is perm
 from __future__ import annotations
 
 import os
+import random
 import smtplib
+import time
 import ssl
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -78,6 +84,28 @@ def smtp_settings(url: str | None = None) -> SMTPSettings:
         password=unquote(parts.password) if parts.password else None,
         timeout=timeout,
     )
+
+
+DEFAULT_GIPHY_DELAY = "0.1-0.3"
+
+
+def giphy_delay(setting: str | None = None) -> float:
+    """Seconds the simulated giphy call takes: DJ_GIPHY_DELAY, a number or a range "low-high"."""
+    text = (setting if setting is not None else os.environ.get("DJ_GIPHY_DELAY")) or DEFAULT_GIPHY_DELAY
+    try:
+        low, _, high = text.partition("-")
+        low_s, high_s = float(low), float(high or low)
+    except ValueError:
+        raise ValueError(f"DJ_GIPHY_DELAY must be seconds or a range like 0.1-0.3, got {text!r}") from None
+    if not 0 <= low_s <= high_s:
+        raise ValueError(f"DJ_GIPHY_DELAY must be a non-negative range, got {text!r}")
+    return random.uniform(low_s, high_s)
+
+
+def fetch_giphy(thought: str) -> str:
+    """Stands in for work-it's call to the giphy API: waits like one, returns a GIF's address."""
+    time.sleep(giphy_delay())
+    return f"https://media.giphy.example/{quote(' '.join(thought.split())[:60], safe='')}.gif"
 
 
 def build_message(email: str, thought: str, sender: str | None = None) -> EmailMessage:
@@ -141,7 +169,10 @@ def send(msg: EmailMessage, settings: SMTPSettings | None = None) -> None:
 @job(name="mail.send_randomness_email", queue="mail", timeout=120)
 def send_randomness_email(email: str, thought: str) -> None:
     """work-it's UserNotifier.send_randomness_email(email, thought).deliver_now, as a job."""
-    send(build_message(email, thought))
+    gif = fetch_giphy(thought)
+    msg = build_message(email, thought)
+    msg.add_header("X-Giphy", gif)
+    send(msg)
 
 
 def validate_address(email: str) -> str:

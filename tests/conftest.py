@@ -22,6 +22,8 @@ os.environ.setdefault("DJ_HOME", str(Path(tempfile.gettempdir()) / "dj-test-home
 os.environ["DJ_TASKS"] = "tests.support_jobs"
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
+from dj import db  # noqa: E402
+from dj.errors import DatabaseUnavailable  # noqa: E402
 from dj.pytest_plugin import empty_tables  # noqa: E402
 from tests.support_jobs import RUNS_DDL  # noqa: E402
 
@@ -50,13 +52,26 @@ def conn(db_url):
         yield c
 
 
-# The fixtures of dj's test mode: a test that asks for one needs no database, and gets none.
-TEST_MODE_FIXTURES = {"dj_jobs", "dj_inline"}
+@pytest.fixture
+def unreachable_database(monkeypatch):
+    """dj pointed at an address where nothing listens: a test that passes with it reached no
+    database, so it wrote nothing (what enqueue's checks promise) and needed none."""
+    nowhere = "postgresql://nobody@127.0.0.1:1/nothing"
+    monkeypatch.setenv("DJ_DATABASE_URL", nowhere)
+    monkeypatch.setattr(db, "_override", None)
+    monkeypatch.setattr(db, "_pools", {})
+    with pytest.raises(DatabaseUnavailable):
+        db.pool()
+    return nowhere
+
+
+# Fixtures of tests that need no database (dj's test mode, or none at all): such a test gets none.
+NO_DATABASE_FIXTURES = {"dj_jobs", "dj_inline", "unreachable_database"}
 
 
 def needs_no_database(request) -> bool:
-    """A test in dj's test mode, or marked no_database, that asks for no database fixture."""
-    quiet = TEST_MODE_FIXTURES & set(request.fixturenames) or request.node.get_closest_marker("no_database")
+    """A test that asks for a fixture above, or is marked no_database, and for no database fixture."""
+    quiet = NO_DATABASE_FIXTURES & set(request.fixturenames) or request.node.get_closest_marker("no_database")
     return bool(quiet) and "db_url" not in request.fixturenames
 
 

@@ -35,6 +35,8 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
     for key in ("raw_ceiling_per_s", "enqueue_single_per_s", "enqueue_single_own_conn_per_s", "insert_single_per_s",
                 "enqueue_bulk_per_s"):
         assert _number(doc[key]) and doc[key] > 0, key
+    for key in ("enqueue_per_s", "insert_per_s", "ratio"):
+        assert _number(doc["async_single"][key]) and doc["async_single"][key] > 0, key
     assert set(doc["drain_per_s"]) == {"1", "2"}
     assert all(_number(v) and v > 0 for v in doc["drain_per_s"].values())
     for key in ("p50", "p95", "p99"):
@@ -67,14 +69,16 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
     console.print(bench.table(doc))
     text = console.export_text()
     assert "drain, 2 processes" in text and "latency p50/p95/p99" in text and "rebuild" in text
-    assert "old snapshot" in text
+    assert "old snapshot" in text and "enqueue_async, one per call" in text
 
 
+@pytest.mark.no_database
 @pytest.mark.parametrize("text, expected", [("2", (1, 2)), ("3", (1, 2, 3)), ("1,4", (1, 4)), ("2,1", (1, 2))])
 def test_parse_processes(text, expected):
     assert bench.parse_processes(text) == expected
 
 
+@pytest.mark.no_database
 @pytest.mark.parametrize("text", ["0", "x", "1,-2", ""])
 def test_parse_processes_rejects_bad_input(text):
     with pytest.raises(bench.DJError):
@@ -87,7 +91,29 @@ def test_bad_processes_is_a_one_line_error(cli, db_url):
     assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.no_database
 def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 101)]
     assert bench.percentile(values, 50) == 50 and bench.percentile(values, 99) == 99
     assert bench.percentile([3.0], 99) == 3.0
+
+
+def test_only_measures_the_named_sections_and_prints_their_rows(cli, db_url):
+    result = cli("bench", "--quick", "--json", "--only", "drain,latency", "--processes", "1", timeout=240)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert set(doc["drain_per_s"]) == {"1"} and _number(doc["drain_per_s"]["1"])
+    assert _number(doc["latency_ms"]["p99"])
+    for skipped in ("raw_ceiling_per_s", "enqueue_single_per_s", "async_single", "soak", "old_snapshot", "rebuild",
+                    "peers"):
+        assert skipped not in doc, skipped
+    assert doc["config"]["only"] == ["drain", "latency"]
+    out = io.StringIO()
+    Console(file=out, width=200).print(bench.table(doc))
+    assert "drain, 1 process" in out.getvalue() and "soak" not in out.getvalue()
+
+
+def test_only_refuses_an_unknown_section(cli):
+    result = cli("bench", "--only", "drain,warp-speed")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: unknown bench section(s) warp-speed")

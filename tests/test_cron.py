@@ -151,6 +151,7 @@ def test_a_rolled_back_caller_transaction_leaves_neither(db_url, cron_task):
         assert c.execute("SELECT last_tick FROM cron_runs").fetchone()[0] == T0
 
 
+@pytest.mark.no_database
 @pytest.mark.parametrize("expr", ["61 * * * *", "not a cron", "", "* * * *", "0 0 31 2 *"])
 def test_invalid_expression_is_rejected_at_decoration(expr):
     with pytest.raises(ValueError, match="cron expression"):
@@ -158,6 +159,7 @@ def test_invalid_expression_is_rejected_at_decoration(expr):
     assert dj.task.lookup("test.cron_invalid") is None
 
 
+@pytest.mark.no_database
 def test_schedule_lists_the_next_run(cron_task):
     t = cron_task("*/5 * * * *", "test.cron_every_5m")
     (s,) = cron.schedule(T0 + 7 * MIN, [t])

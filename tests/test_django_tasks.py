@@ -141,6 +141,7 @@ def test_dj_commands_use_djangos_database_when_dj_database_url_is_unset(tasks, d
     assert json.loads(result.stdout)["queues"]["default"]["ready"] == 1
 
 
+@pytest.mark.no_database
 def test_the_backend_uses_djangos_own_framework_from_django_6_and_the_backport_before():
     from dj.contrib.django import compat
 

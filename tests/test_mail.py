@@ -141,6 +141,7 @@ def test_permanent_rejection_of_the_recipient_makes_the_job_dead(smtp, run_burst
     assert smtp.inbox.messages == []
 
 
+@pytest.mark.no_database
 def test_smtp_url_parsing(monkeypatch):
     monkeypatch.delenv("DJ_SMTP_URL", raising=False)
     assert mail.smtp_settings() == mail.SMTPSettings("localhost", 1025)

@@ -3,8 +3,11 @@
 Each test runs pytest in a subprocess (pytester) on a directory that holds only the user's files,
 so the plugin can come only from dj's `pytest11` entry point."""
 
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -96,8 +99,27 @@ def test_the_next_test_starts_empty(dj_database):
 '''
 
 
-def test_dj_database_gives_each_test_a_migrated_empty_database(pytester):
-    """On the server this suite runs on: DJ_DATABASE_URL's, or the embedded one."""
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "testing"
+
+
+def test_the_readmes_example_passes_and_dj_database_gives_each_test_an_empty_database(pytester):
+    """examples/testing holds README's "Testing your jobs" code: both modes, the integration
+    database and dj.testing without fixtures, run as a user would; with it (one run, one database
+    created and migrated), tests of dj_database itself. On this suite's server: DJ_DATABASE_URL's,
+    or the embedded one."""
+    for name in ("shop.py", "test_shop.py"):
+        shutil.copy(EXAMPLES / name, pytester.path / name)
     pytester.makepyfile(userapp=USER_JOBS, test_user_db=USER_DB_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=6)
+
+
+@pytest.mark.no_database
+def test_the_readmes_testing_snippets_are_the_examples_code():
+    readme = (EXAMPLES.parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Testing your jobs", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    sources = [(EXAMPLES / name).read_text(encoding="utf-8") for name in ("shop.py", "test_shop.py")]
+    assert len(blocks) >= 2
+    for block in blocks:
+        assert any(block in source for source in sources), block

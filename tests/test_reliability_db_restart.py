@@ -52,6 +52,7 @@ class Workers(subprocess.Popen):
         return open(self.log_path).read()
 
 
+@pytest.mark.no_database
 def test_reconnect_backoff_is_exponential_and_capped():
     for failures, base in [(0, 0.5), (1, 1), (2, 2), (3, 4), (6, 30), (50, 30), (10**6, 30)]:
         delays = [reconnect_delay(failures) for _ in range(100)]

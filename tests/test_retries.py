@@ -17,6 +17,7 @@ def make_ready(conn, job_id):
     conn.execute("UPDATE jobs SET run_at = now() WHERE id = %s", (job_id,))
 
 
+@pytest.mark.no_database
 @pytest.mark.parametrize("attempts", [1, 2, 3, 5, 10, 24])
 def test_backoff_is_attempts_to_the_fourth_plus_five_with_bounded_jitter(attempts):
     base = attempts**4 + 5

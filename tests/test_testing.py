@@ -143,6 +143,8 @@ def test_assert_enqueued_returns_the_match_and_explains_a_miss(dj_jobs):
         dj_jobs.assert_enqueued(tm_record, count=2)
     with pytest.raises(AssertionError, match="expected 0 enqueued"):
         dj_jobs.assert_not_enqueued(tm_record)
+    with pytest.raises(ValueError, match="assert_not_enqueued"):
+        dj_jobs.assert_enqueued(tm_record, count=0)
 
 
 def test_run_at_checks_take_a_moment_a_delay_or_none(dj_jobs):
@@ -315,6 +317,48 @@ def test_drain_called_inside_a_running_loop_still_runs_coroutine_jobs(dj_jobs):
 
     assert asyncio.run(main()) == 1
     assert LOG == [("async", "inside", 1, True)]
+
+
+def test_async_enqueues_are_captured_and_drained_alike(dj_jobs):
+    async def main():
+        first = await tm_async.enqueue_async("a")
+        assert await tm_async.enqueue_many_async([("b",), ("c",)]) == [first + 1, first + 2]
+        await tm_record.using(priority=-1).enqueue_async("sync task, async enqueue")
+        return await dj_jobs.drain_async()
+
+    assert asyncio.run(main()) == 4
+    assert [entry[0] if entry[0] != "async" else entry[1] for entry in LOG] == [
+        "sync task, async enqueue", "a", "b", "c"]
+
+
+def test_an_enqueue_in_the_callers_transaction_is_captured_without_touching_it(dj_jobs):
+    """conn= a SQLAlchemy Session on psycopg, whose engine points where nothing listens: the job is
+    recorded and no connection is ever made. On another driver, the same TypeError as production."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+    from sqlalchemy.orm import Session
+
+    nowhere = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/nothing")
+    with Session(nowhere) as session:
+        tm_record.using(conn=session).enqueue("in a transaction")
+        assert not session.in_transaction()
+    with Session(nowhere) as session:
+        tm_record.using(conn=session).enqueue_many([("many",)])
+
+    async def main():
+        engine = create_async_engine("postgresql+psycopg://nobody@127.0.0.1:1/nothing")
+        async with AsyncSession(engine) as session:
+            await tm_record.using(conn=session).enqueue_async("async, in a transaction")
+        await engine.dispose()
+
+    asyncio.run(main())
+    assert [j.args for j in dj_jobs.jobs] == [["in a transaction"], ["many"], ["async, in a transaction"]]
+    with Session(create_engine("sqlite://")) as other:
+        with pytest.raises(TypeError, match="postgresql\\+psycopg"):
+            tm_record.using(conn=other).enqueue("x")
+    with pytest.raises(TypeError, match="conn= takes"):
+        tm_record.using(conn=object())
+    assert len(dj_jobs.jobs) == 3
 
 
 # --- inline --------------------------------------------------------------------------------------

@@ -320,6 +320,7 @@ def test_a_token_is_required_by_bearer_or_login(db_url, conn):
         assert c.get("/", headers=HTML, follow_redirects=False).status_code == 303
 
 
+@pytest.mark.no_database
 def test_check_host_refuses_non_loopback_without_a_token():
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.5"):
         check_host(host, None)

@@ -1,5 +1,6 @@
 """`dj demo --scale small` runs the whole workload end to end, as the README's main command."""
 
+import pytest
 
 
 def test_demo_small_runs_end_to_end(cli, conn):
@@ -28,6 +29,7 @@ def test_demo_refuses_an_unknown_scale(cli):
     assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.no_database
 def test_the_demo_knows_every_workload_table():
     from tasks import demo, schema
 

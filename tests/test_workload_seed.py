@@ -168,6 +168,7 @@ def test_slow_jobs_wait_too(conn, run_burst):
         "users": 3, "items": 2, "orders": 2, "questions": 0, "answers": 0}
 
 
+@pytest.mark.no_database
 def test_the_delay_is_the_tutorials():
     delays = {seed.delay_wait() for _ in range(20)}
     assert all(0.5 / 25 - 1e-9 <= d <= 0.5 for d in delays)
@@ -181,18 +182,19 @@ def test_the_delay_is_the_tutorials():
     ({"per_job": -3}, "--per-job must be a positive integer"),
     ({"orders": 2.5}, "--orders must be a non-negative integer"),
 ])
-def test_bad_counts_are_refused_and_nothing_is_enqueued(conn, options, message):
+def test_bad_counts_are_refused_and_nothing_is_enqueued(dj_jobs, options, message):
     with pytest.raises(dj.DJError, match=message):
         seed.enqueue_seed(**options)
-    assert jobs(conn) == []
+    assert dj_jobs.jobs == []
 
 
-def test_nothing_to_seed_enqueues_nothing(conn):
+def test_nothing_to_seed_enqueues_nothing(dj_jobs):
     summary = seed.enqueue_seed(users=0, items=0, orders=0)
     assert all(v == {"records": 0, "jobs": 0} for v in summary.values())
-    assert jobs(conn) == []
+    assert dj_jobs.jobs == []
 
 
+@pytest.mark.no_database
 def test_split():
     assert seed.split(0, None) == []
     assert seed.split(10, None) == [10]

@@ -1,20 +1,5 @@
-"""Test mode: jobs enqueued in memory, with no database.
-
-    with dj.testing.capture() as jobs:      # every enqueue is recorded; nothing is written anywhere
-        signup("a@b.c")
-        jobs.assert_enqueued(send_welcome, args=["a@b.c"])
-        jobs.drain()                         # runs them here, with the jobs they enqueue
-    with dj.testing.inline():                # every enqueue runs the job at once, in the caller
-
-Both divert dj.task's one seam, `_interceptor`, through which every enqueue path goes (sync and
-async, single and many, with or without `conn=`), and dj.batches' `_recorder`. An enqueue is
-validated as in production (JSON arguments, their size, the priority, unique keys) before it is
-recorded, so a test fails where production would.
-
-The mode is process-wide, like the database it stands in for: an enqueue from any thread (a web
-app's request thread, say) goes to the innermost active capture or inline block. Blocks nest; the
-inner one receives the enqueues until it exits, and they must exit in the reverse order of entry.
-"""
+"""The capture: dj.task's `_interceptor` and dj.batches' `_recorder` while it is active, and the
+jobs it runs (see dj/testing/__init__.py)."""
 
 from __future__ import annotations
 
@@ -25,53 +10,14 @@ import itertools
 import json
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from . import batches, task as _task
-from .context import JobContext, _set_current
-from .errors import DJError
-
-__all__ = ["CapturedJob", "Jobs", "capture", "inline"]
-
-_ANY: Any = object()  # "not given" for the matchers' keyword arguments
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-@dataclass(eq=False)
-class CapturedJob:
-    """One enqueued job, as the worker would have claimed it."""
-
-    id: int
-    task: str
-    args: list[Any]  # as the worker would pass them: after a round trip through JSON
-    kwargs: dict[str, Any]
-    queue: str
-    priority: int
-    run_at: datetime  # when it may run; the moment of the enqueue when none was given
-    enqueued_at: datetime
-    max_attempts: int = 25
-    timeout: float | None = None
-    unique_key: str | None = None
-    batch_id: int | None = None
-    progress: list[tuple[float, str]] = field(default_factory=list)  # what current_job().progress() reported
-    error: BaseException | None = None  # what it raised, for a job in `failed`
-
-    @property
-    def scheduled(self) -> bool:
-        """Whether it was enqueued to run later (run_at more than a second after the enqueue)."""
-        return self.run_at - self.enqueued_at > timedelta(seconds=1)
-
-    def __repr__(self) -> str:
-        extra = f" run_at={self.run_at.isoformat()}" if self.scheduled else ""
-        return (f"<job {self.id} {self.task} args={self.args!r} kwargs={self.kwargs!r} queue={self.queue!r} "
-                f"priority={self.priority}{extra}>")
-
+from .. import batches, connections, enqueueing, task as _task
+from ..context import JobContext, _set_current
+from ..errors import DJError
+from .records import ANY, CapturedJob, assert_matches, aware, matching, positive, task_name, utcnow
 
 @dataclass(frozen=True)
 class _TestJobContext(JobContext):
@@ -136,14 +82,15 @@ class Jobs:
             self._runner.close()
             self._runner = None
 
-    def _intercept(self, enqueuer: _task.Enqueuer, calls: list[tuple[Sequence[Any], dict[str, Any]]]) -> list[int]:
+    def _intercept(self, enqueuer: _task.Enqueuer[Any, Any], calls: list[enqueueing.Call]) -> list[int]:
         o = enqueuer.options
         # The checks production makes before it writes, all of them before anything is recorded.
         _task._check_priority(o.priority)
-        prepared = [(*_task._arguments_json(args, kwargs), _task._key_from_args(o, enqueuer.name, args, kwargs))
-                    for args, kwargs in calls]
-        now = _now()
-        run_at = _aware(o.run_at) if o.run_at is not None else now
+        _check_driver(o.conn)
+        prepared = [(*enqueueing.arguments_json(args, kwargs),
+                     enqueueing.key_from_args(o, enqueuer.name, args, kwargs)) for args, kwargs in calls]
+        now = utcnow()
+        run_at = aware(o.run_at) if o.run_at is not None else now
         batch = batches.current_batch()
         ids, new = [], []
         with self._lock:
@@ -195,7 +142,7 @@ class Jobs:
             state.finished = True
             if state.on_complete is None:
                 return
-            now = _now()
+            now = utcnow()
             summary = {"id": batch_id, "total": state.total, "succeeded": state.succeeded, "dead": state.dead}
             record = CapturedJob(next(self._ids), state.on_complete, list(state.args),
                                  {**state.kwargs, "batch": summary}, state.queue, 0, now, now)
@@ -211,26 +158,26 @@ class Jobs:
     def __iter__(self) -> Iterator[CapturedJob]:
         return iter(list(self.jobs))
 
-    def filter(self, task: Any = _ANY, **fields: Any) -> list[CapturedJob]:
+    def filter(self, task: Any = ANY, **fields: Any) -> list[CapturedJob]:
         """The jobs not run yet that match: `task` is a task or its name; any other field of
         CapturedJob is compared for equality, or passed to a function given instead of a value.
         `run_at` takes a datetime (matched within a second), a timedelta (the delay after the
         enqueue, within a second) or None (to run at once); `tolerance=` changes the second."""
-        return _matching(self.jobs, task, fields)
+        return matching(self.jobs, task, fields)
 
-    def count(self, task: Any = _ANY, **fields: Any) -> int:
+    def count(self, task: Any = ANY, **fields: Any) -> int:
         return len(self.filter(task, **fields))
 
-    def assert_enqueued(self, task: Any = _ANY, *, count: int | None = None, **fields: Any) -> CapturedJob:
+    def assert_enqueued(self, task: Any = ANY, *, count: int | None = None, **fields: Any) -> CapturedJob:
         """Fail unless a job not run yet matches (exactly `count` of them, if given); returns the first."""
-        return _assert_matches(self.jobs, "enqueued", task, count, fields)
+        return assert_matches(self.jobs, "enqueued", task, positive(count), fields)[0]
 
-    def assert_not_enqueued(self, task: Any = _ANY, **fields: Any) -> None:
-        _assert_matches(self.jobs, "enqueued", task, 0, fields)
+    def assert_not_enqueued(self, task: Any = ANY, **fields: Any) -> None:
+        assert_matches(self.jobs, "enqueued", task, 0, fields)
 
-    def assert_performed(self, task: Any = _ANY, *, count: int | None = None, **fields: Any) -> CapturedJob:
+    def assert_performed(self, task: Any = ANY, *, count: int | None = None, **fields: Any) -> CapturedJob:
         """Like assert_enqueued, over the jobs that ran and returned."""
-        return _assert_matches(self.performed, "performed", task, count, fields)
+        return assert_matches(self.performed, "performed", task, positive(count), fields)[0]
 
     def clear(self) -> None:
         """Forget every job: not run yet, performed and failed (unique keys are free again)."""
@@ -242,7 +189,7 @@ class Jobs:
 
     # --- running them ------------------------------------------------------------------------------
 
-    def drain(self, task: Any = _ANY, *, queue: str | None = None, max_jobs: int = 100_000) -> int:
+    def drain(self, task: Any = ANY, *, queue: str | None = None, max_jobs: int = 100_000) -> int:
         """Run every job not run yet, scheduled ones too, in claim order (priority, run_at, id),
         along with the jobs they enqueue; returns how many ran. A job's exception propagates.
         `task=` and `queue=` run only the jobs that match."""
@@ -252,7 +199,7 @@ class Jobs:
             self._run_now(record)
         return ran
 
-    async def drain_async(self, task: Any = _ANY, *, queue: str | None = None, max_jobs: int = 100_000) -> int:
+    async def drain_async(self, task: Any = ANY, *, queue: str | None = None, max_jobs: int = 100_000) -> int:
         """drain() for async tests: coroutine jobs are awaited on the running event loop."""
         ran = 0
         while (record := self._next(task, queue)) is not None:
@@ -273,7 +220,7 @@ class Jobs:
         """Take the job a worker would claim first (it stays out of `jobs` while it runs)."""
         with self._lock:
             candidates = [j for j in self.jobs if (queue is None or j.queue == queue)
-                          and (task is _ANY or j.task == _task_name(task))]
+                          and (task is ANY or j.task == task_name(task))]
             if not candidates:
                 return None
             record = min(candidates, key=lambda j: (j.priority, j.run_at, j.id))
@@ -364,66 +311,13 @@ async def _wrap(awaitable: Any) -> Any:
     return await awaitable
 
 
-def capture() -> Jobs:
-    """Record every enqueue in memory instead of writing it; see the module's docstring."""
-    return Jobs()
-
-
-def inline() -> Jobs:
-    """Run every enqueued job at once, in the caller; its exception propagates. The jobs it
-    enqueues run at once too, and a batch's callback runs when the batch closes."""
-    return Jobs(run_at_once=True)
-
-
-# --- matching ------------------------------------------------------------------------------------
-
-
-def _task_name(task: Any) -> str:
-    return task.name if isinstance(task, _task.Enqueuer) else str(task)
-
-
-def _aware(moment: datetime) -> datetime:
-    if not isinstance(moment, datetime):
-        raise TypeError(f"run_at must be a datetime, not {type(moment).__name__}")
-    return moment if moment.tzinfo is not None else moment.astimezone()  # naive: local time
-
-
-def _matching(records: list[CapturedJob], task: Any, fields: dict[str, Any]) -> list[CapturedJob]:
-    fields = dict(fields)
-    tolerance = fields.pop("tolerance", timedelta(seconds=1))
-    expected: dict[str, Any] = {}
-    for name, value in fields.items():
-        if name not in CapturedJob.__dataclass_fields__ and name != "scheduled":
-            raise TypeError(f"a captured job has no field {name!r}")
-        if name in ("args", "kwargs") and not callable(value):
-            value = json.loads(_task.to_json(list(value) if name == "args" else value, name))
-        expected[name] = value
-    if task is not _ANY:
-        expected["task"] = _task_name(task)
-    return [r for r in list(records) if all(_field_matches(r, n, v, tolerance) for n, v in expected.items())]
-
-
-def _field_matches(record: CapturedJob, name: str, expected: Any, tolerance: timedelta) -> bool:
-    actual = getattr(record, name)
-    if name == "run_at" and not callable(expected):
-        if expected is None:
-            return not record.scheduled
-        if isinstance(expected, timedelta):
-            return abs(actual - record.enqueued_at - expected) <= tolerance
-        return abs(actual - _aware(expected)) <= tolerance
-    if callable(expected) and name != "task":
-        return bool(expected(actual))
-    return bool(actual == expected)
-
-
-def _assert_matches(records: list[CapturedJob], what: str, task: Any, count: int | None,
-                    fields: dict[str, Any]) -> Any:
-    found = _matching(records, task, fields)
-    if (count is None and found) or (count is not None and len(found) == count):
-        return found[0] if found else None
-    wanted = ", ".join([*([f"task={_task_name(task)!r}"] if task is not _ANY else []),
-                        *(f"{k}={v!r}" for k, v in fields.items())]) or "any job"
-    listing = "\n".join(f"  {r!r}" for r in records) or "  (none)"
-    expected = "at least one" if count is None else str(count)
-    raise AssertionError(f"expected {expected} {what} job(s) matching {wanted}, found {len(found)}; "
-                         f"{what}:\n{listing}")
+def _check_driver(conn: Any) -> None:
+    """Production refuses a SQLAlchemy `conn=` on another driver than psycopg when it writes;
+    refuse it here too, from the engine's dialect, which needs no connection."""
+    if conn is None or not type(conn).__module__.startswith("sqlalchemy."):
+        return  # `using()` has refused anything that is neither psycopg's nor SQLAlchemy's
+    try:
+        bind = conn.get_bind() if hasattr(conn, "get_bind") else conn
+    except Exception:  # noqa: BLE001 - a Session bound to nothing: production fails on its own terms
+        return
+    connections._check_driver(conn, bind.dialect)

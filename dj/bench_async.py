@@ -1,0 +1,77 @@
+"""`dj bench`'s async-single section: one job per `await task.enqueue_async()` against a bare
+async INSERT round trip on the same pool (dj's AsyncConnectionPool for this loop).
+
+Both contenders take a connection from the pool and give it back the same way (getconn/putconn,
+as dj does), so the difference is what dj adds: encoding the arguments, the job's columns and
+its NOTIFY. They run in alternating blocks, so that a change of load hits both alike, and each
+figure is the median of its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import db
+
+BLOCKS = 7
+GOAL = 0.9  # of the bare INSERT's rate (issue 13)
+
+
+def measure(bench: Any) -> dict[str, Any]:
+    """Run the section; `bench` is the running dj.bench._Bench."""
+    bench.steps.start("async single enqueues vs bare async INSERTs")
+    q = bench.queue("async-single")
+    n = max(700, bench.jobs // 10)
+    result = asyncio.run(_measure(bench.url, q, math.ceil(n / BLOCKS)))
+    bench.conn.execute("DELETE FROM jobs WHERE queue = %s", (q,))
+    return result
+
+
+async def _measure(url: str, q: str, per_block: int) -> dict[str, Any]:
+    from .bench import BARE_INSERT, noop
+
+    pool = await db.async_pool(url)
+    target = noop.using(queue=q)
+    params = (q, noop.name)
+
+    async def insert() -> None:
+        conn = await pool.getconn()
+        try:
+            await (await conn.execute(BARE_INSERT, params)).fetchone()
+        finally:
+            await pool.putconn(conn)
+
+    contenders: dict[str, Callable[[], Awaitable[Any]]] = {"enqueue": target.enqueue_async, "insert": insert}
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    try:
+        for call in contenders.values():
+            for _ in range(20):  # warm-up: psycopg prepares a statement after a few runs
+                await call()
+        for _ in range(BLOCKS):
+            for name, call in contenders.items():
+                t = time.perf_counter()
+                for _ in range(per_block):
+                    await call()
+                rates[name].append(per_block / (time.perf_counter() - t))
+    finally:
+        await db.close_async_pools()
+    enqueue, insert_rate = statistics.median(rates["enqueue"]), statistics.median(rates["insert"])
+    return {"enqueue_per_s": enqueue, "insert_per_s": insert_rate, "ratio": enqueue / insert_rate,
+            "blocks": BLOCKS, "per_block": per_block,
+            "enqueue_blocks_per_s": rates["enqueue"], "insert_blocks_per_s": rates["insert"]}
+
+
+def add_rows(t: Any, doc: dict[str, Any], n: Any, mark: Any) -> None:
+    """The section's rows in `dj bench`'s table."""
+    s = doc.get("async_single")
+    if not s:
+        return
+    ratio = s["ratio"]
+    t.add_row("enqueue_async, one per call, dj's async pool", n(s["enqueue_per_s"]),
+              f">= {GOAL:.0%} of bare async INSERT ({ratio:.0%})", mark(ratio >= GOAL))
+    t.add_row("bare async INSERT, same pool", n(s["insert_per_s"]), "", "")
