@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 import dj
+from dj.cursors import parse_wake
 from dj import db
 from dj.task import COPY_AT
 from tests.support_jobs import record
@@ -101,7 +102,7 @@ def test_async_enqueue_sends_one_notify_per_call_at_commit(db_url):
     with psycopg.connect(db_url, autocommit=True) as listener:
         listener.execute("LISTEN dj_jobs")
         run(main())
-        payloads = [n.payload for n in listener.notifies(timeout=2.0, stop_after=2)]
+        payloads = [parse_wake(n.payload)[0] for n in listener.notifies(timeout=2.0, stop_after=2)]
     assert payloads == ["mail", "reports"]
 
 
