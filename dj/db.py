@@ -152,6 +152,12 @@ async def async_pool(url: str | None = None) -> AsyncConnectionPool:
     return p
 
 
+def loop_async_pool(url: str | None = None) -> AsyncConnectionPool | None:
+    """This loop's pool for `url` if it is open already: async_pool() without a coroutine, for
+    the hot path."""
+    return _async_pools.get((url or database_url(), asyncio.get_running_loop()))
+
+
 def _check_reachable(url: str) -> bool:
     """Connect once (DatabaseUnavailable if that fails); whether a pooler answers for the server."""
     with pooler.connect(url) as conn:
@@ -184,9 +190,7 @@ class _AsyncPooled:
         self.url = url
 
     async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
-        # The pool's look-up inline: every async enqueue passes here.
-        p = _async_pools.get((self.url or database_url(), asyncio.get_running_loop()))
-        self.pool = p if p is not None else await async_pool(self.url)
+        self.pool = loop_async_pool(self.url) or await async_pool(self.url)
         self.conn = await self.pool.getconn()
         return self.conn
 

@@ -131,8 +131,18 @@ class Enqueuer(Generic[P, R]):
         if o.unique_key is not None or o.unique:
             return (await self._enqueue_async([(args, kwargs)]))[0]
         params, batch = self._one(args, kwargs)
-        async with db.borrow_async(o.conn) as conn:
+        # Written out rather than through db.borrow_async(): its context manager costs about 1.5 us
+        # of Python a call, 1-2% of the rate next to a bare INSERT (dj bench, async-single).
+        if o.conn is not None:
+            conn = await connections.async_connection(o.conn)
             job_id: int = (await (await conn.execute(sql.ENQUEUE_ONE, params)).fetchone())[0]  # type: ignore[index]
+        else:
+            pool = db.loop_async_pool() or await db.async_pool()
+            conn = await pool.getconn()
+            try:
+                job_id = (await (await conn.execute(sql.ENQUEUE_ONE, params)).fetchone())[0]  # type: ignore[index]
+            finally:
+                await pool.putconn(conn)
         if batch:
             batch.total += 1
         return job_id

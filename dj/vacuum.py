@@ -8,8 +8,10 @@ entries at the head of the queue: a 1M-job soak on a stock PostgreSQL 15 fell to
 first round's rate. A user of a managed server cannot change the nap, but dj's own processes may
 do the work. See docs/ARCHITECTURE.md for the measurements behind the thresholds.
 
-`maybe_vacuum(conn, worker)` is called by each worker's maintenance thread about once a second;
-the statements, and why they elect one worker without session state, are in `dj/sql.py`.
+Each worker's maintenance thread calls `take` about once a second and, when it is its turn, `run`
+on a connection of its own in a short-lived thread (a vacuum can take seconds, and the heartbeat
+must not wait). The statements, and why they elect one worker without session state, are in
+`dj/sql.py`.
 """
 
 from __future__ import annotations
@@ -44,18 +46,21 @@ def prepare(conn: psycopg.Connection) -> bool:
     return True
 
 
-def maybe_vacuum(conn: psycopg.Connection, worker: str, *, min_dead: int = VACUUM_MIN_DEAD,
-                 scale: float = VACUUM_SCALE) -> float | None:
-    """Vacuum jobs if it is due and no other worker does it now; returns the seconds it took, or
-    None when it was not this worker's turn. `conn` must be in autocommit mode (VACUUM cannot run
-    in a transaction block). A missing `maintenance` table (schema older than 0008) is no turn."""
+def take(conn: psycopg.Connection, worker: str, *, min_dead: int = VACUUM_MIN_DEAD,
+         scale: float = VACUUM_SCALE) -> int | None:
+    """Take the chore if it is due and free: returns pg_stat's dead rows of jobs, or None when it is
+    not this worker's turn (not due, someone else has it, or a schema without the table)."""
     try:
         row = conn.execute(sql.TAKE_VACUUM_LEASE, {"worker": worker, "lease": VACUUM_LEASE_SECONDS,
                                                    "min_dead": min_dead, "scale": scale}).fetchone()
     except psycopg.errors.UndefinedTable:
         return None
-    if row is None:
-        return None
+    return None if row is None else row[0]
+
+
+def run(conn: psycopg.Connection, worker: str) -> float:
+    """Vacuum jobs under the lease `take` gave `worker`, then hand the lease back; returns the
+    seconds it took. `conn` must be in autocommit mode: VACUUM cannot run in a transaction block."""
     started = time.monotonic()
     try:
         conn.execute(sql.VACUUM_JOBS)
@@ -67,7 +72,18 @@ def maybe_vacuum(conn: psycopg.Connection, worker: str, *, min_dead: int = VACUU
         raise
     seconds = time.monotonic() - started
     conn.execute(sql.END_VACUUM_LEASE, {"worker": worker, "seconds": seconds})
-    log.debug("vacuumed jobs in %.2fs (%d dead rows before)", seconds, row[0])
+    return seconds
+
+
+def maybe_vacuum(conn: psycopg.Connection, worker: str, *, min_dead: int = VACUUM_MIN_DEAD,
+                 scale: float = VACUUM_SCALE) -> float | None:
+    """`take` and, if it was this worker's turn, `run` on the same connection: the seconds it took,
+    or None."""
+    dead = take(conn, worker, min_dead=min_dead, scale=scale)
+    if dead is None:
+        return None
+    seconds = run(conn, worker)
+    log.debug("vacuumed jobs in %.2fs (%d dead rows before)", seconds, dead)
     return seconds
 
 

@@ -6,6 +6,7 @@ import psycopg
 import pytest
 
 import dj
+from dj.cursors import parse_wake
 from dj import job
 from tests.support_jobs import record, unique_record
 
@@ -80,10 +81,16 @@ def test_enqueue_in_a_committed_transaction_appears_at_commit(db_url, conn):
 def test_every_enqueue_call_sends_one_notify_with_the_queue(db_url):
     with psycopg.connect(db_url, autocommit=True) as listener:
         listener.execute("LISTEN dj_jobs")
-        record.using(queue="mail").enqueue(1)
-        record.using(queue="reports").enqueue_many([(i,) for i in range(50)])
-        payloads = [n.payload for n in listener.notifies(timeout=2.0, stop_after=2)]
-    assert payloads == ["mail", "reports"]
+        one = record.using(queue="mail", priority=3).enqueue(1)
+        many = record.using(queue="reports").enqueue_many([(i,) for i in range(50)])
+        notes = [parse_wake(n.payload) for n in listener.notifies(timeout=2.0, stop_after=2)]
+    assert [queue for queue, _ in notes] == ["mail", "reports"]
+    # Each also says where its first job sits in claim order (priority, run_at in us, id), so that a
+    # worker reading from a remembered position knows whether to move back (dj/cursors.py).
+    with psycopg.connect(db_url) as conn:
+        for (_, at), job_id in zip(notes, (one, min(many))):
+            assert at == conn.execute("SELECT priority, (extract(epoch FROM run_at) * 1000000)::int8, id"
+                                      " FROM jobs WHERE id = %s", (job_id,)).fetchone()
 
 
 def test_a_rolled_back_enqueue_notifies_nobody(db_url):
@@ -128,7 +135,7 @@ def test_bulk_enqueue_by_copy_keeps_order_options_and_sends_one_notify(db_url, c
         listener.execute("LISTEN dj_jobs")
         with dj.batch() as b:
             ids = record.using(queue="bulk", priority=4, run_at=when, timeout=9).enqueue_many([(i,) for i in range(n)])
-        payloads = [x.payload for x in listener.notifies(timeout=1.0, stop_after=2)]
+        payloads = [parse_wake(x.payload)[0] for x in listener.notifies(timeout=1.0, stop_after=2)]
     assert payloads == ["bulk"]
     assert len(ids) == n and ids == sorted(ids) and b.total == n
     rows = conn.execute("SELECT id, args, queue, priority, run_at, timeout, batch_id FROM jobs ORDER BY id").fetchall()

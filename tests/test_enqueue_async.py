@@ -8,12 +8,13 @@ import psycopg
 import pytest
 
 import dj
+from dj.cursors import parse_wake
 from dj import db
 from dj.task import COPY_AT
 from tests.support_jobs import record
 
 
-@dj.job(name="test.coroutine")
+@dj.job(name="test.enqueue_async.coroutine")
 async def coroutine_task(n: int) -> None:
     """Never run here: enqueueing a coroutine task is the same as any other."""
 
@@ -28,10 +29,11 @@ def test_enqueue_async_writes_the_same_row_as_enqueue(conn):
 
     sync_id = record.using(queue="mail", priority=3).enqueue("m")
     async_id, coroutine_task_id = run(main())
+    coroutine_task_sync_id = coroutine_task.enqueue(2)  # either side enqueues either kind of task
     rows = conn.execute("SELECT id, task, queue, priority, args, kwargs, max_attempts FROM jobs ORDER BY id").fetchall()
     assert [r[1:] for r in rows] == [("test.record", "mail", 3, ["m"], {}, 25)] * 2 + [
-        ("test.coroutine", "default", 0, [1], {}, 25)]
-    assert [r[0] for r in rows] == [sync_id, async_id, coroutine_task_id]
+        (coroutine_task.name, "default", 0, [n], {}, 25) for n in (1, 2)]
+    assert [r[0] for r in rows] == [sync_id, async_id, coroutine_task_id, coroutine_task_sync_id]
 
 
 def test_enqueue_many_async_keeps_order_and_uses_copy_for_big_batches(conn):
@@ -101,7 +103,7 @@ def test_async_enqueue_sends_one_notify_per_call_at_commit(db_url):
     with psycopg.connect(db_url, autocommit=True) as listener:
         listener.execute("LISTEN dj_jobs")
         run(main())
-        payloads = [n.payload for n in listener.notifies(timeout=2.0, stop_after=2)]
+        payloads = [parse_wake(n.payload)[0] for n in listener.notifies(timeout=2.0, stop_after=2)]
     assert payloads == ["mail", "reports"]
 
 

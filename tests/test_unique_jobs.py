@@ -5,6 +5,8 @@ import sys
 
 import psycopg
 
+from dj.cursors import parse_wake
+
 from tests.conftest import ROOT
 from tests.support_jobs import record, unique_record
 
@@ -24,7 +26,7 @@ def test_an_enqueue_that_finds_its_key_held_wakes_no_worker(db_url, conn):
         listener.execute("LISTEN dj_jobs")
         assert unique_record.using(queue="u").enqueue("a") == first
         unique_record.using(queue="v").enqueue("b")
-        assert [n.payload for n in listener.notifies(timeout=1.0, stop_after=1)] == ["v"]
+        assert [parse_wake(n.payload)[0] for n in listener.notifies(timeout=1.0, stop_after=1)] == ["v"]
 
 
 def test_enqueue_many_skips_held_keys_and_returns_every_id(conn):

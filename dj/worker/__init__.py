@@ -58,6 +58,7 @@ class Worker:
         parent_pid: int | None = None,
         log_jobs: bool = False,
         summary_interval: float = 30.0,
+        snapshot_warn_after: float | None = None,
         async_concurrency: int = 100,
     ):
         if concurrency < 1:
@@ -84,6 +85,9 @@ class Worker:
         self.name = name or f"{self.host}:{os.getpid()}"
         self.parent_pid = parent_pid
         self.counts = Counts()
+        # Log one warning when a snapshot this old (seconds) holds back vacuum of jobs; None:
+        # DJ_SNAPSHOT_WARN_AFTER, else 60.
+        self.snapshot_warn_after = snapshot_warn_after
 
         # What the parts share: the jobs this worker holds (claimed, not yet recorded), the
         # outcomes waiting to be recorded, and the events that wake and stop the main loop.
@@ -99,7 +103,8 @@ class Worker:
         self._async_executor = AsyncExecutor(self)  # its loop starts with the first async job
         self._producer = Producer(self)
         self._notifier = Notifier(self._connector, self.queues, self._stopping,
-                                  on_jobs=self._producer.on_jobs, on_settings=self._on_settings)
+                                  on_jobs=self._producer.on_jobs, on_settings=self._on_settings,
+                                  cursors=self._producer.cursors)
         self._maintenance = Maintenance(self)
 
     # --- public ---------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ class Claimed:
     timeout: float | None
     queue: str
     priority: int
-    run_at: float  # seconds since the epoch: only the claim order needs it
+    run_at: int  # microseconds since the epoch, exact: the claim order and the claim's position need it
     started: float | None = field(default=None)
     finished: bool = field(default=False)
 

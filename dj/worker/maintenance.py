@@ -1,17 +1,21 @@
 """Maintenance: the heartbeat thread and what rides on it. On its own connection, every heartbeat
 interval: the worker's row in `workers` (re-registered if it was removed), and, every quarter lock
 timeout, the reaper (jobs of workers that stopped heartbeating become ready again), forgetting
-stale workers and pruning old stats; then the due cron ticks, each enqueued once across workers."""
+stale workers and pruning old stats; then the due cron ticks, each enqueued once across workers,
+and a look at the oldest snapshot (one warning when it gets old, dj/snapshot.py). Every second,
+whether jobs needs a vacuum that no other worker is doing (dj/vacuum.py); the vacuum itself runs
+in a thread of its own, so the heartbeat never waits for it."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import TYPE_CHECKING
 
 import psycopg
 
-from .. import cron, sql
+from .. import cron, snapshot, sql, vacuum
 from .connection import reconnect_delay
 from .jobs import _first_line, log
 
@@ -23,6 +27,9 @@ class Maintenance:
     def __init__(self, worker: "Worker"):
         self.worker = worker
         self.connector = worker._connector
+        self.snapshots = snapshot.SnapshotWarning(worker.snapshot_warn_after)
+        self.vacuum_ready: bool | None = None  # None: not asked yet; False: a schema without it
+        self.vacuuming: threading.Thread | None = None
 
     def run(self) -> None:
         w, connector = self.worker, self.connector
@@ -30,10 +37,11 @@ class Maintenance:
         epoch: int | None = None
         failures = 0
         last_reap = 0.0
+        beat_at = 0.0  # the next heartbeat, on the monotonic clock
+        tick = min(w.heartbeat_interval, vacuum.VACUUM_CHECK_INTERVAL)
         # While disconnected, retry with backoff, but at least once per heartbeat interval: the
         # heartbeat is what keeps our jobs from being handed to other workers.
-        while not w._stopping.wait(w.heartbeat_interval if conn else
-                                   min(w.heartbeat_interval, reconnect_delay(failures))):
+        while not w._stopping.wait(tick if conn else min(w.heartbeat_interval, reconnect_delay(failures))):
             if w.parent_pid is not None and os.getppid() != w.parent_pid:
                 log.warning("supervisor %d is gone; stopping", w.parent_pid)
                 w.stop()
@@ -43,14 +51,19 @@ class Maintenance:
                 if conn is None or conn.closed:
                     epoch = since
                     conn = connector.connect()
-                running = sum(1 for j in list(w._held.values()) if j.started is not None)
-                if conn.execute(sql.HEARTBEAT, (running, w.name)).rowcount == 0:
-                    w._register(conn)  # our row was removed while we were away
-                epoch, failures = connector.back(since), 0
-                if time.monotonic() - last_reap > w.lock_timeout / 4:
-                    last_reap = time.monotonic()
-                    self.reap(conn)
-                cron.fire_due(conn)  # enqueue due cron ticks, each once across all workers
+                    beat_at = 0.0
+                if time.monotonic() >= beat_at:
+                    beat_at = time.monotonic() + w.heartbeat_interval
+                    running = sum(1 for j in list(w._held.values()) if j.started is not None)
+                    if conn.execute(sql.HEARTBEAT, (running, w.name)).rowcount == 0:
+                        w._register(conn)  # our row was removed while we were away
+                    epoch, failures = connector.back(since), 0
+                    if time.monotonic() - last_reap > w.lock_timeout / 4:
+                        last_reap = time.monotonic()
+                        self.reap(conn)
+                    cron.fire_due(conn)  # enqueue due cron ticks, each once across all workers
+                    self.snapshots.check(conn)
+                self.maybe_vacuum(conn)
             except psycopg.Error as exc:
                 if isinstance(exc, psycopg.OperationalError):
                     connector.lost(exc, epoch)
@@ -72,3 +85,27 @@ class Maintenance:
                 conn.execute(sql.NOTIFY, (queue,))
         conn.execute(sql.FORGET_STALE_WORKERS, params)
         conn.execute(sql.PRUNE_STATS)
+
+    def maybe_vacuum(self, conn: psycopg.Connection) -> None:
+        """Vacuum jobs if it is due and no other worker is at it (dj/vacuum.py)."""
+        w = self.worker
+        if self.vacuum_ready is None:
+            self.vacuum_ready = vacuum.prepare(conn)
+        if not self.vacuum_ready or (self.vacuuming is not None and self.vacuuming.is_alive()):
+            return
+        dead = vacuum.take(conn, w.name)
+        if dead is None:
+            return
+        self.vacuuming = threading.Thread(target=self._vacuum, args=(dead,), name="dj-vacuum", daemon=True)
+        self.vacuuming.start()
+
+    def _vacuum(self, dead: int) -> None:
+        name = self.worker.name
+        try:
+            with self.connector.connect() as conn:
+                seconds = vacuum.run(conn, name)
+        except psycopg.Error as exc:  # the lease was handed back, or runs out; another worker tries
+            log.warning("vacuum of jobs failed (%s)", _first_line(exc))
+            return
+        log.debug("vacuumed jobs in %.2fs (%d dead rows before)", seconds, dead,
+                  extra={"event": "vacuum", "seconds": round(seconds, 3), "dead_before": dead})

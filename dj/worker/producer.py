@@ -14,6 +14,7 @@ import psycopg
 
 from .. import sql
 from .. import task as task_mod
+from ..cursors import ClaimCursors
 from .connection import reconnect_delay
 from .executor import MAX_ASYNC_BUFFER
 from .jobs import (MAX_ERROR_CHARS, Claimed, Counts, Outcome, _array_literal, _clip, _first_line, _load_job_json,
@@ -58,6 +59,9 @@ class Producer:
         self._stopping = w._stopping
         self.conn: psycopg.Connection | None = None  # the main connection, opened by Worker.run
         self.more_ready = True
+        # Where each queue's next claim starts reading (dj/cursors.py): after this worker's last
+        # claimed job, so that it does not re-read the dead index entries an old snapshot keeps.
+        self.cursors = ClaimCursors(self.queues, w.min_priority)
         self.paused: set[str] = set()
         self.poll_interval = w.poll_interval
         self.flush_interval = 0.005
@@ -108,6 +112,7 @@ class Producer:
             wake.wait(self.next_wait())
             if not wake.is_set() and not self._results:
                 self.more_ready = True  # the poll interval ran out: look again even without NOTIFY
+                self.cursors.rescan()  # from the head: a NOTIFY may have been missed
             wake.clear()
 
     def next_wait(self) -> float:
@@ -119,6 +124,7 @@ class Producer:
         """Replace the main connection; returns its epoch (see Connector.lost), None if the database
         is still out of reach."""
         self.conn, epoch = self.connector.reconnect(self.conn, self.name, list(self._held))
+        self.cursors.rescan()  # the reconnect handed back rows of a claim whose answer was lost
         return epoch
 
     # --- one cycle --------------------------------------------------------------------------------
@@ -197,7 +203,12 @@ class Producer:
             results.extendleft(reversed(outcomes))  # record them after reconnecting
             raise
         self.count(outcomes)
+        for o in bad:
+            if not o.dead:  # its retry waits in its queue; is that before where we read?
+                self.cursors.failed(o.job.queue, o.job.priority)
         woke = any(queue in self.queues for c in woken for queue, _ in c.fetchall())
+        if woke:
+            self.cursors.rescan()  # a batch callback or a freed slot of a limited queue
         if cur is None:
             self.more_ready = self.more_ready or woke
             return 0
@@ -207,22 +218,25 @@ class Producer:
         rows.sort(key=lambda r: (r[8], r[9], r[0]))
         held = self._held
         jobs: list[Claimed] = []
+        coroutines: list[Claimed] = []
+        last = {}
         if len(task_mod._registry) != self._registry_size:  # tasks registered since the last look
             self._registry_size = len(task_mod._registry)
             self._async_tasks = {name for name, t in task_mod.registered().items() if t.is_async}
-        if not self._async_tasks:
+        async_tasks = self._async_tasks
+        if not async_tasks:
             for r in rows:
                 job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
                 held[job.id] = job
                 jobs.append(job)
-            self.executor.submit(jobs)
-            return len(rows)
-        coroutines: list[Claimed] = []
-        async_tasks = self._async_tasks
-        for r in rows:
-            job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
-            held[job.id] = job
-            (coroutines if job.task in async_tasks else jobs).append(job)
+                last[job.queue] = (job.priority, job.run_at, job.id)
+        else:
+            for r in rows:
+                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
+                held[job.id] = job
+                (coroutines if job.task in async_tasks else jobs).append(job)
+                last[job.queue] = (job.priority, job.run_at, job.id)
+        self.cursors.claimed(last, self._claim_head, time.monotonic() - self._claim_started)
         if jobs:
             self.executor.submit(jobs)
         if coroutines:
@@ -233,9 +247,11 @@ class Producer:
     def claim(self, room: int) -> psycopg.Cursor:
         w, conn = self.worker, self.conn
         conn.execute(sql.LOCK_LIMITED_QUEUES, {"queues": self.queues})
+        after, self._claim_head = self.cursors.params()
+        self._claim_started = time.monotonic()
         return conn.execute(sql.CLAIM, {
             "queues": self.queues, "min_priority": w.min_priority, "max_priority": w.max_priority,
-            "limit": room, "worker": self.name})
+            "limit": room, "worker": self.name, **after})
 
     def count(self, outcomes: list[Outcome]) -> None:
         counts, held = self.counts, self._held
