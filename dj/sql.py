@@ -154,6 +154,32 @@ RETURNING jobs.id, jobs.task, jobs.args::text, jobs.kwargs::text, jobs.attempts,
           jobs.timeout, jobs.queue, jobs.priority, (extract(epoch FROM jobs.run_at) * 1000000)::int8
 """
 
+# Behind a transaction pooler without DJ_LISTEN_URL no NOTIFY reaches a worker, so it asks with
+# this instead, every poll interval (0.1 s by default): which of its queues have a job it could
+# claim now, and which are paused (what the settings NOTIFY would have said). It runs that often on
+# every worker, so it must cost next to nothing: per queue, one probe of jobs_claim_idx that stops
+# at the first ready entry (no lock, no write), and the same pause and room test as CLAIM's
+# open_queues, so that a paused queue or one whose concurrency limit is full does not wake the
+# worker for a claim that would find nothing. The ORDER BY is the index's own and keeps the probe
+# on the index: a plain EXISTS was planned as a scan of the table, all of it for an empty queue.
+POLL = """
+SELECT q.name, s.paused IS TRUE,
+       s.paused IS NOT TRUE
+       AND (s.concurrency_limit IS NULL OR s.concurrency_limit > (
+            SELECT count(*) FROM jobs r
+            WHERE r.queue = q.name AND r.locked_by IS NOT NULL AND r.failed_at IS NULL))
+       AND (SELECT id
+            FROM jobs
+            WHERE queue = q.name
+              AND locked_by IS NULL AND failed_at IS NULL
+              AND priority BETWEEN %(min_priority)s AND %(max_priority)s
+              AND run_at <= now()
+            ORDER BY priority, run_at, id
+            LIMIT 1) IS NOT NULL
+FROM unnest(%(queues)s::text[]) AS q(name)
+LEFT JOIN queue_settings s ON s.queue = q.name
+"""
+
 # --- finish an attempt ---------------------------------------------------------------------------
 
 # The tail shared by every statement that can finish a batch: enqueue the callback of each batch
