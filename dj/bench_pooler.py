@@ -89,15 +89,19 @@ class PgBouncer:
             f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
             f"auth_type = trust\nauth_file = {self.dir}/userlist.txt\npool_mode = {mode}\n"
             f"default_pool_size = {pool_size}\nmax_client_conn = 1000\nlogfile = {self.log}\n"
-            f"pidfile = {self.dir}/pgbouncer.pid\nignore_startup_parameters = extra_float_digits\n")
+            f"pidfile = {self.dir}/pgbouncer.pid\nignore_startup_parameters = extra_float_digits\n"
+            "log_connections = 0\nlog_disconnections = 0\n")
         user = _run_as(host)
         if user is not None:
             os.chmod(self.dir, 0o755)
             for path in [self.dir, *self.dir.iterdir()]:
                 shutil.chown(path, user)
-        self.process = subprocess.Popen([binary, *(["-u", user] if user else []), str(self.dir / "pgbouncer.ini")],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
+        # Its log goes to the log file; stderr too, which must not be a pipe nobody reads: once the
+        # pipe's buffer is full, PgBouncer blocks writing to it and stops serving.
+        self.stderr = self.dir / "stderr.log"
+        with open(self.stderr, "wb") as err:
+            self.process = subprocess.Popen([binary, *(["-u", user] if user else []), str(self.dir / "pgbouncer.ini")],
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
         try:
             self._wait_ready()
         except BaseException:
@@ -126,9 +130,7 @@ class PgBouncer:
             time.sleep(0.1)
 
     def log_tail(self, lines: int = 3) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        if self.process.poll() is not None and self.process.stderr:
-            text += self.process.stderr.read()
+        text = "".join(p.read_text(errors="replace") for p in (self.log, self.stderr) if p.exists())
         return " | ".join(text.strip().splitlines()[-lines:])
 
     def stop(self) -> None:
@@ -139,8 +141,6 @@ class PgBouncer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
-        if self.process.stderr:
-            self.process.stderr.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
