@@ -173,3 +173,14 @@ def test_bad_arguments_write_nothing_async(conn):
     with pytest.raises(ValueError, match="pass a reference"):
         run(main(record.enqueue_many_async([(1,), ("x" * (dj.task.MAX_ARGS_BYTES + 1),)])))
     assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+
+
+@pytest.mark.no_database
+def test_an_unreachable_database_is_one_clear_error_and_leaves_no_pool(monkeypatch):
+    url = "postgresql://dj:secret@127.0.0.1:1/nowhere"
+    monkeypatch.setattr(db, "_override", url)
+    with pytest.raises(dj.DatabaseUnavailable, match=r"cannot connect to postgresql://dj:\*\*\*@127\.0\.0\.1:1/nowhere") \
+            as caught:
+        run(record.enqueue_async(1))
+    assert "secret" not in str(caught.value)
+    assert not [k for k in db._async_pools if k[0] == url]
