@@ -46,6 +46,21 @@ def db_url(dj_database_url):
     return dj_database_url
 
 
+@pytest.fixture(scope="session")
+def pgbouncer(db_url):
+    """A real PgBouncer (Debian's package) in transaction mode in front of the test server, with a
+    pool of 2 server connections: fewer than the worker processes the tests run through it.
+    `pgbouncer.url()` is the session database through it."""
+    from dj.bench_pooler import PgBouncer, Unavailable
+
+    try:
+        bouncer = PgBouncer(db_url, mode="transaction", pool_size=2)
+    except Unavailable as exc:
+        pytest.skip(f"no PgBouncer: {exc}")
+    yield bouncer
+    bouncer.stop()
+
+
 @pytest.fixture
 def conn(db_url):
     with psycopg.connect(db_url, autocommit=True) as c:
