@@ -52,6 +52,11 @@ Interceptor = Callable[["Enqueuer[Any, Any]", list[Call]], list[int]]
 _interceptor: Interceptor | None = None
 
 
+def diverted() -> bool:
+    """Whether the test mode (dj.testing) is diverting enqueues: then nothing touches a database."""
+    return _interceptor is not None
+
+
 def lookup(name: str) -> Task[..., Any] | None:
     return _registry.get(name)
 
