@@ -41,7 +41,7 @@ import psycopg
 from psycopg import conninfo
 from psycopg import sql as pgsql
 
-from . import bench_async, bench_pooler, bench_snapshot, config, db
+from . import bench_async, bench_async_drain, bench_pooler, bench_snapshot, config, db
 from .context import current_job
 from .bench_peers import PEERS, log_tail
 from .errors import DJError
@@ -237,6 +237,7 @@ class _Bench:
         # setup, bulk, single, drains, latency, soak rounds, rebuild steps, peers, cleanup
         total = 3 + len(processes) + 1 + soak_rounds + 1 + 2 * (REBUILD_ROUNDS + 1) + (len(PEERS) * (1 + len(processes)) if peers else 0) + 1
         total += bench_snapshot.STEPS + 1 + 2  # + async-single + through PgBouncer
+        total += bench_async_drain.PROCESSES in processes
         self.steps = _Steps(progress, total)
 
     def queue(self, part: str) -> str:
@@ -277,6 +278,9 @@ class _Bench:
                     if self.wants("drain"):
                         self.steps.start(f"drain {self.jobs:,} jobs with {p} process{'es' if p > 1 else ''}")
                         result.setdefault("drain_per_s", {})[str(p)] = self.drain(pool, q, self.jobs)
+                        if p == bench_async_drain.PROCESSES:
+                            self.steps.start(f"drain {self.jobs:,} async jobs with {p} processes, alternating with sync")
+                            result["drain_async"] = bench_async_drain.measure(self, pool, q)
                     if latency_here:
                         self.steps.start(f"latency: {LATENCY_RATE} enqueues/s for {self.latency_s:g} s")
                         result["latency_ms"] = self.latency(pool, q)
@@ -641,7 +645,7 @@ def run_bench(jobs: int | None = None, processes: Iterable[int] = (1, 2), peers:
     # The key order first, then the rest.
     order = ["raw_ceiling_per_s", "enqueue_single_per_s", "enqueue_single_own_conn_per_s", "insert_single_per_s",
              "enqueue_bulk_per_s", "async_single",
-             "drain_per_s", "latency_ms", "pgbouncer", "soak", "old_snapshot", "rebuild", "peers", "machine", "config", "notes", "elapsed_s"]
+             "drain_per_s", "drain_async", "latency_ms", "pgbouncer", "soak", "old_snapshot", "rebuild", "peers", "machine", "config", "notes", "elapsed_s"]
     return _finite({k: doc[k] for k in order if k in doc} | {k: v for k, v in doc.items() if k not in order})
 
 
@@ -710,6 +714,7 @@ def table(doc: dict[str, Any]):
             goal = f">= 12,000/s, >= 50% of ceiling ({_pct(share)})"
             ok = _num(rate) and rate >= 12_000 and share is not None and share >= 0.5
         t.add_row(f"drain, {p} process{'es' if p != '1' else ''}", _n(rate), goal, _mark(ok))
+    bench_async_drain.add_rows(t, doc, _n, _mark)
     bulk = doc.get("enqueue_bulk_per_s")
     if "enqueue_bulk_per_s" in doc:
         t.add_row("enqueue_many (bulk)", _n(bulk), ">= 100,000/s", _mark(_num(bulk) and bulk >= 100_000))

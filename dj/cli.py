@@ -228,6 +228,9 @@ def work(
     queues: Annotated[str, typer.Option("--queues", help="Comma-separated queues to work.")] = "default",
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Threads per process.", min=1)] = 8,
     processes: Annotated[int, typer.Option("--processes", "-P", help="Worker processes.", min=1)] = 1,
+    async_concurrency: Annotated[int, typer.Option(
+        "--async-concurrency", help="Async jobs (@job on an async def) in flight at once per process, on its "
+        "event loop.", min=1)] = 100,
     prefetch: Annotated[Optional[int], typer.Option(
         "--prefetch", help="Jobs claimed ahead of free threads, so one round trip serves many jobs "
         "\\[default: the concurrency].", min=0)] = None,
@@ -276,7 +279,7 @@ def work(
                            min_priority=min_priority, max_priority=max_priority, lock_timeout=lock_timeout,
                            shutdown_timeout=shutdown_timeout, default_timeout=default_timeout,
                            poll_interval=poll_interval, database_url=db.database_url(), listen_url=listen_url,
-                           log_jobs=verbose or log_format == "json")
+                           log_jobs=verbose or log_format == "json", async_concurrency=async_concurrency)
     raise typer.Exit(code)
 
 

@@ -7,6 +7,7 @@ are imported. Nothing in the database can name code that is not registered here.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -202,6 +203,9 @@ class Task(Enqueuer[P, R]):
     def __init__(self, fn: Callable[P, R], name: str, options: Options, cron: str | None = None):
         super().__init__(name, options)
         self.fn = fn
+        # A coroutine function: workers run it on their event loop (dj/worker/executor.py), and
+        # calling the task returns the coroutine, as calling the function would.
+        self.is_async = inspect.iscoroutinefunction(fn)
         self.cron = cron  # a cron expression: workers enqueue the task at each tick (see dj/cron.py)
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)

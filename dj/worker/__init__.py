@@ -3,7 +3,8 @@
 One worker process is a few parts, each in a module of its own:
 - `producer`: the main loop; each cycle records finished attempts and claims more jobs in one
   round trip (one transaction), and hands the claimed jobs to the executor;
-- `executor`: runs the jobs: sync jobs on `concurrency` runner threads; their timeouts;
+- `executor`: runs the jobs: sync jobs on `concurrency` runner threads (and their timeouts),
+  coroutine jobs on an event loop of the worker's own, up to `async_concurrency` at once;
 - `notifier`: a thread on its own connection that wakes the main loop on enqueue: LISTEN, or,
   behind a transaction pooler without DJ_LISTEN_URL, a poll of the claim index;
 - `maintenance`: the heartbeat thread on its own connection, which also reclaims the jobs of dead
@@ -28,7 +29,7 @@ from .. import config, db, pooler, sql
 from ..errors import WorkerStuck
 from ..task import PRIORITY_MAX, PRIORITY_MIN, load_task_modules
 from .connection import Connector, reconnect_delay
-from .executor import ThreadExecutor
+from .executor import AsyncExecutor, ThreadExecutor
 from .jobs import Claimed, Counts, Outcome, _first_line, log, retry_delay
 from .maintenance import Maintenance
 from .notifier import Notifier
@@ -66,11 +67,15 @@ class Worker:
         log_jobs: bool = False,
         summary_interval: float = 30.0,
         snapshot_warn_after: float | None = None,
+        async_concurrency: int = 100,
     ):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if async_concurrency < 1:
+            raise ValueError("async_concurrency must be at least 1")
         self.queues = list(dict.fromkeys(queues)) or ["default"]
         self.concurrency = concurrency
+        self.async_concurrency = async_concurrency
         self.min_priority = PRIORITY_MIN if min_priority is None else min_priority
         self.max_priority = PRIORITY_MAX if max_priority is None else max_priority
         if self.min_priority > self.max_priority:
@@ -104,6 +109,7 @@ class Worker:
 
         self._connector = Connector(self.url, self.lock_timeout)
         self._executor = ThreadExecutor(self)
+        self._async_executor = AsyncExecutor(self)  # its loop starts with the first async job
         self._producer = Producer(self)
         self._notifier = Notifier(self._connector, self.queues, self._stopping,
                                   on_jobs=self._producer.on_jobs, on_settings=self._on_settings,
@@ -207,8 +213,9 @@ class Worker:
     def _shutdown(self) -> None:
         producer = self._producer
         self._stopping.set()
-        unstarted = self._executor.take_unstarted()
+        unstarted = self._executor.take_unstarted() + self._async_executor.take_unstarted()
         self._executor.stop()
+        self._async_executor.stop()
         deadline = time.monotonic() + self.shutdown_timeout
         producer.release(unstarted)
         while time.monotonic() < deadline:
@@ -224,6 +231,7 @@ class Worker:
             log.warning("%d job(s) still running after %gs; handing them back", len(self._held),
                         self.shutdown_timeout)
             producer.release(list(self._held.values()))
+        self._async_executor.close()  # cancels what still runs: it was handed back
         try:
             self._conn.execute(sql.UNREGISTER_WORKER, (self.name,))
         except psycopg.Error:
