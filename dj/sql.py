@@ -163,9 +163,11 @@ RETURNING jobs.id, jobs.task, jobs.args::text, jobs.kwargs::text, jobs.attempts,
 # first ready entry, with no lock and no write. The ORDER BY is the index's own and keeps it an
 # index read: a plain EXISTS was planned as a scan of the table, all of it for an empty queue.
 # It reads from the index's head, so an old snapshot makes it slower (see CLAIM); the notifier
-# then stretches its interval (dj.worker.notifier).
+# then stretches its interval (dj.worker.notifier), by the server's time the last column reports
+# (the round trip's time on a loaded machine is mostly waiting for a CPU).
 POLL = """
-SELECT q.name, s.paused IS TRUE, j.priority, (extract(epoch FROM j.run_at) * 1000000)::int8, j.id
+SELECT q.name, s.paused IS TRUE, j.priority, (extract(epoch FROM j.run_at) * 1000000)::int8, j.id,
+       extract(epoch FROM clock_timestamp() - statement_timestamp())
 FROM unnest(%(queues)s::text[]) AS q(name)
 LEFT JOIN queue_settings s ON s.queue = q.name
 LEFT JOIN LATERAL (

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,10 +22,13 @@ from .. import sql
 from ..cursors import SEPARATOR, ClaimCursors
 from .connection import Connector, reconnect_delay
 
-# A poll that reads slowly (an old snapshot keeps dead entries at the head of the claim index, see
-# sql.CLAIM) waits this many times its own duration before the next, so that polling never takes
-# more than a few percent of a server process.
+# A poll that the server takes long over (an old snapshot keeps dead entries at the head of the
+# claim index, see sql.CLAIM) waits this many times the server's time before the next, so that
+# polling never takes more than a few percent of a server process. Below POLL_SLOW it waits the
+# plain interval: stretching by the round trip's time instead made the interval 0.2-0.5 s on a
+# loaded machine, where a round trip is mostly a wait for a CPU (p99 pickup 430 ms).
 POLL_COST_FACTOR = 20.0
+POLL_SLOW = 0.02
 
 
 class Notifier:
@@ -79,15 +81,15 @@ class Notifier:
         paused: set[str] = set()
         wait = self.poll_interval
         while not self.stopping.wait(wait):
-            started = time.monotonic()
             rows = conn.execute(sql.POLL, self.poll_params).fetchall()
-            wait = max(self.poll_interval, POLL_COST_FACTOR * (time.monotonic() - started))
-            now_paused = {queue for queue, is_paused, *_ in rows if is_paused}
+            took = max((float(r[5]) for r in rows), default=0.0)  # the server's time
+            wait = max(self.poll_interval, POLL_COST_FACTOR * took) if took > POLL_SLOW else self.poll_interval
+            now_paused = {r[0] for r in rows if r[1]}
             for queue in sorted(now_paused - paused):  # what the settings NOTIFY would have said
                 self.on_settings(json.dumps({"queue": queue, "paused": True}))
             paused = now_paused
             woken = False
-            for queue, _, priority, micros, job_id in rows:
+            for queue, _, priority, micros, job_id, _ in rows:
                 if job_id is not None:  # what an enqueue's NOTIFY would have said (sql._WAKE_AT)
                     woken |= self.cursors.woken(SEPARATOR.join((queue, str(priority), str(micros), str(job_id))))
             if woken:
