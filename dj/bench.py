@@ -41,7 +41,7 @@ import psycopg
 from psycopg import conninfo
 from psycopg import sql as pgsql
 
-from . import bench_async, bench_snapshot, config, db
+from . import bench_async, bench_async_drain, bench_pooler, bench_snapshot, config, db
 from .context import current_job
 from .bench_peers import PEERS, log_tail
 from .errors import DJError
@@ -63,7 +63,8 @@ REBUILD_PROCESSES = 2
 REBUILD_ROUNDS = 3  # measured, after one warm-up round; the figures are their medians
 RAW_BATCH = 100
 # What `dj bench --only` can pick, in the order a full run measures them.
-SECTIONS = ("bulk", "single", "async-single", "drain", "latency", "soak", "old-snapshot", "rebuild", "peers")
+SECTIONS = ("bulk", "single", "async-single", "drain", "latency", "pgbouncer", "soak", "old-snapshot", "rebuild",
+            "peers")
 ROUNDS = 3  # the drains, the plain-SQL ceiling and the bulk enqueue are each the median of this many
 
 # The plain-SQL ceiling of the issue: claim and delete in batches, nothing else.
@@ -160,8 +161,8 @@ class _WorkerPool:
     """`dj work --processes P` on the given queues, as a real subprocess, started and waited for
     until every process has registered (so its start-up is not timed), stopped with SIGTERM."""
 
-    def __init__(self, url: str, queues: list[str], processes: int):
-        self.url = url
+    def __init__(self, url: str, queues: list[str], processes: int, env: dict[str, str] | None = None):
+        self.url, self.env = url, env or {}
         self.queues = queues
         self.processes = processes
         self.proc: subprocess.Popen | None = None
@@ -169,7 +170,7 @@ class _WorkerPool:
 
     def __enter__(self) -> "_WorkerPool":
         tasks = ",".join(filter(None, [os.environ.get("DJ_TASKS", ""), __name__]))
-        env = {**os.environ, "DJ_DATABASE_URL": self.url, "DJ_TASKS": tasks}
+        env = {**os.environ, "DJ_DATABASE_URL": self.url, "DJ_TASKS": tasks, **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dj", "work", "--queues", ",".join(self.queues),
              "--processes", str(self.processes), "--database-url", self.url],
@@ -235,7 +236,8 @@ class _Bench:
         soak_rounds = math.ceil(soak_jobs / self.soak_round) if soak_jobs else 0
         # setup, bulk, single, drains, latency, soak rounds, rebuild steps, peers, cleanup
         total = 3 + len(processes) + 1 + soak_rounds + 1 + 2 * (REBUILD_ROUNDS + 1) + (len(PEERS) * (1 + len(processes)) if peers else 0) + 1
-        total += bench_snapshot.STEPS + 1  # + async-single
+        total += bench_snapshot.STEPS + 1 + 2  # + async-single + through PgBouncer
+        total += bench_async_drain.PROCESSES in processes
         self.steps = _Steps(progress, total)
 
     def queue(self, part: str) -> str:
@@ -276,6 +278,9 @@ class _Bench:
                     if self.wants("drain"):
                         self.steps.start(f"drain {self.jobs:,} jobs with {p} process{'es' if p > 1 else ''}")
                         result.setdefault("drain_per_s", {})[str(p)] = self.drain(pool, q, self.jobs)
+                        if p == bench_async_drain.PROCESSES:
+                            self.steps.start(f"drain {self.jobs:,} async jobs with {p} processes, alternating with sync")
+                            result["drain_async"] = bench_async_drain.measure(self, pool, q)
                     if latency_here:
                         self.steps.start(f"latency: {LATENCY_RATE} enqueues/s for {self.latency_s:g} s")
                         result["latency_ms"] = self.latency(pool, q)
@@ -283,6 +288,9 @@ class _Bench:
                         result["soak"] = self.soak(pool, q, p)
                     if p == biggest and self.wants("old-snapshot"):
                         result["old_snapshot"] = bench_snapshot.measure(self, pool, q, self.soak_jobs)
+            if self.wants("pgbouncer"):
+                self.steps.start("drain through PgBouncer, beside the direct drain")
+                result["pgbouncer"] = bench_pooler.measure(self, _WorkerPool, ROUNDS)
             if self.wants("rebuild"):
                 result["rebuild"] = self.rebuild()
             if self.peers or (self.only is not None and "peers" in self.only):
@@ -637,7 +645,7 @@ def run_bench(jobs: int | None = None, processes: Iterable[int] = (1, 2), peers:
     # The issue's key order first, then the rest.
     order = ["raw_ceiling_per_s", "enqueue_single_per_s", "enqueue_single_own_conn_per_s", "insert_single_per_s",
              "enqueue_bulk_per_s", "async_single",
-             "drain_per_s", "latency_ms", "soak", "old_snapshot", "rebuild", "peers", "machine", "config", "notes", "elapsed_s"]
+             "drain_per_s", "drain_async", "latency_ms", "pgbouncer", "soak", "old_snapshot", "rebuild", "peers", "machine", "config", "notes", "elapsed_s"]
     return _finite({k: doc[k] for k in order if k in doc} | {k: v for k, v in doc.items() if k not in order})
 
 
@@ -706,6 +714,7 @@ def table(doc: dict[str, Any]):
             goal = f">= 12,000/s, >= 50% of ceiling ({_pct(share)})"
             ok = _num(rate) and rate >= 12_000 and share is not None and share >= 0.5
         t.add_row(f"drain, {p} process{'es' if p != '1' else ''}", _n(rate), goal, _mark(ok))
+    bench_async_drain.add_rows(t, doc, _n, _mark)
     bulk = doc.get("enqueue_bulk_per_s")
     if "enqueue_bulk_per_s" in doc:
         t.add_row("enqueue_many (bulk)", _n(bulk), ">= 100,000/s", _mark(_num(bulk) and bulk >= 100_000))
@@ -722,6 +731,7 @@ def table(doc: dict[str, Any]):
         t.add_row(f"latency p50/p95/p99 at {LATENCY_RATE}/s",
                   f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} ms", "p50 <= 5 ms, p99 <= 25 ms",
                   _mark(lat["p50"] <= 5 and lat["p99"] <= 25))
+    bench_pooler.add_rows(t, doc, _n, _mark)
     if "soak" in doc:
         s = doc["soak"]
         ratio = s.get("ratio")

@@ -228,6 +228,9 @@ def work(
     queues: Annotated[str, typer.Option("--queues", help="Comma-separated queues to work.")] = "default",
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Threads per process.", min=1)] = 8,
     processes: Annotated[int, typer.Option("--processes", "-P", help="Worker processes.", min=1)] = 1,
+    async_concurrency: Annotated[int, typer.Option(
+        "--async-concurrency", help="Async jobs (@job on an async def) in flight at once per process, on its "
+        "event loop.", min=1)] = 100,
     prefetch: Annotated[Optional[int], typer.Option(
         "--prefetch", help="Jobs claimed ahead of free threads, so one round trip serves many jobs "
         "\\[default: the concurrency].", min=0)] = None,
@@ -243,8 +246,13 @@ def work(
                                                     help="Seconds to let running jobs finish on SIGTERM.")] = 25.0,
     default_timeout: Annotated[Optional[float], typer.Option(
         "--default-timeout", help="Seconds a job may run when its task sets no timeout.")] = None,
-    poll_interval: Annotated[float, typer.Option("--poll-interval", help="Seconds between polls when idle "
-                                                 "(NOTIFY wakes workers sooner).")] = 5.0,
+    poll_interval: Annotated[Optional[float], typer.Option(
+        "--poll-interval", help="Seconds between polls when idle: a claim every 5 s where NOTIFY wakes "
+        "workers sooner; behind a transaction pooler without a listen URL, a probe of the claim index every "
+        "0.1 s.", show_default=False)] = None,
+    listen_url: Annotated[Optional[str], typer.Option(
+        "--listen-url", help="A direct URL to the same database, used only to LISTEN, for instant wake-up "
+        "when the database URL goes through a transaction pooler \\[env DJ_LISTEN_URL].", show_default=False)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every job's start and end.")] = False,
     log_format: Annotated[str, typer.Option("--log-format", help="text, or json: one object per event "
                                             "(job started/succeeded/failed/dead with duration).")] = "text",
@@ -270,8 +278,8 @@ def work(
         code = run_workers(processes=processes, burst=burst, queues=names, concurrency=concurrency, prefetch=prefetch,
                            min_priority=min_priority, max_priority=max_priority, lock_timeout=lock_timeout,
                            shutdown_timeout=shutdown_timeout, default_timeout=default_timeout,
-                           poll_interval=poll_interval, database_url=db.database_url(),
-                           log_jobs=verbose or log_format == "json")
+                           poll_interval=poll_interval, database_url=db.database_url(), listen_url=listen_url,
+                           log_jobs=verbose or log_format == "json", async_concurrency=async_concurrency)
     raise typer.Exit(code)
 
 

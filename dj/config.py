@@ -35,6 +35,12 @@ def configured_url() -> str | None:
     return None
 
 
+def listen_url() -> str | None:
+    """DJ_LISTEN_URL: a direct URL to the same database, for workers to LISTEN on when
+    DJ_DATABASE_URL goes through a transaction pooler (see dj/pooler.py)."""
+    return os.environ.get("DJ_LISTEN_URL") or None
+
+
 def task_modules() -> list[str]:
     raw = os.environ.get("DJ_TASKS", "")
     return [m.strip() for m in raw.split(",") if m.strip()]

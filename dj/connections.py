@@ -17,24 +17,39 @@ import psycopg
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection as SAConnection
-    from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection, AsyncSession
-    from sqlalchemy.orm import Session
+    from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection, AsyncSession, async_scoped_session
+    from sqlalchemy.orm import Session, scoped_session
 
     # What `conn=` accepts, for type checkers.
-    SyncConn = Union[psycopg.Connection[Any], Session, SAConnection]
-    AsyncConn = Union[psycopg.AsyncConnection[Any], AsyncSession, SAAsyncConnection]
+    SyncConn = Union[psycopg.Connection[Any], Session, scoped_session[Any], SAConnection]
+    AsyncConn = Union[psycopg.AsyncConnection[Any], AsyncSession, async_scoped_session[Any], SAAsyncConnection]
     Conn = Union[SyncConn, AsyncConn]
 
 C = TypeVar("C")
 
-SYNC_KINDS = "a psycopg Connection, or a SQLAlchemy Session or Connection on the psycopg driver (postgresql+psycopg)"
-ASYNC_KINDS = ("a psycopg AsyncConnection, or a SQLAlchemy AsyncSession or AsyncConnection on the psycopg driver "
-               "(postgresql+psycopg)")
+SYNC_KINDS = ("a psycopg Connection, or a SQLAlchemy Session (or scoped_session) or Connection on the psycopg "
+              "driver (postgresql+psycopg)")
+ASYNC_KINDS = ("a psycopg AsyncConnection, or a SQLAlchemy AsyncSession (or async_scoped_session) or "
+               "AsyncConnection on the psycopg driver (postgresql+psycopg)")
 
 
 def _name(obj: object) -> str:
     t = type(obj)
     return f"{t.__module__}.{t.__qualname__}"
+
+
+def _from_sqlalchemy(obj: object) -> bool:
+    # Any class in the MRO: an app's own Session subclass (SQLModel's, say) lives in its module.
+    return any(c.__module__.startswith("sqlalchemy.") for c in type(obj).__mro__)
+
+
+def _current_session(obj: object) -> object:
+    """The session a scoped_session (Flask-SQLAlchemy's `db.session`) stands for in this scope; any
+    other object as it is."""
+    from sqlalchemy.ext.asyncio import async_scoped_session
+    from sqlalchemy.orm import scoped_session
+
+    return obj() if isinstance(obj, (scoped_session, async_scoped_session)) else obj
 
 
 def is_async(obj: object) -> bool:
@@ -44,14 +59,14 @@ def is_async(obj: object) -> bool:
         return False
     if isinstance(obj, psycopg.AsyncConnection):
         return True
-    if type(obj).__module__.startswith("sqlalchemy."):
+    if _from_sqlalchemy(obj):
         from sqlalchemy.engine import Connection as SAConnection
-        from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection, AsyncSession
-        from sqlalchemy.orm import Session
+        from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection, AsyncSession, async_scoped_session
+        from sqlalchemy.orm import Session, scoped_session
 
-        if isinstance(obj, (Session, SAConnection)):
+        if isinstance(obj, (Session, SAConnection, scoped_session)):
             return False
-        if isinstance(obj, (AsyncSession, SAAsyncConnection)):
+        if isinstance(obj, (AsyncSession, SAAsyncConnection, async_scoped_session)):
             return True
     raise TypeError(f"conn= takes {SYNC_KINDS}; or, for enqueue_async, {ASYNC_KINDS}; got {_name(obj)}")
 
@@ -80,6 +95,7 @@ def sync_connection(obj: object) -> psycopg.Connection[Any]:
     from sqlalchemy.engine import Connection as SAConnection
     from sqlalchemy.orm import Session
 
+    obj = _current_session(obj)
     # Session.connection() joins the session's transaction, beginning it if needed.
     sa_conn = obj.connection() if isinstance(obj, Session) else obj
     assert isinstance(sa_conn, SAConnection)  # is_async() let nothing else through
@@ -100,6 +116,7 @@ async def async_connection(obj: object) -> psycopg.AsyncConnection[Any]:
                         f"or pass enqueue_async() {ASYNC_KINDS}")
     from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection, AsyncSession
 
+    obj = _current_session(obj)
     sa_conn = await obj.connection() if isinstance(obj, AsyncSession) else obj
     assert isinstance(sa_conn, SAAsyncConnection)
     _check_driver(obj, sa_conn.dialect)

@@ -21,12 +21,20 @@ class JobContext:
         with db.transaction() as conn:
             conn.execute(sql.PROGRESS, (float(fraction), message, self.id, self.attempt, self.worker))
 
+    async def progress_async(self, fraction: float, message: str = "") -> None:
+        """progress() for an async job, without holding up the worker's event loop: the update (one
+        short transaction) runs in a thread. Plain progress() works in an async job too, but
+        blocks the loop, and so the worker's other async jobs, for that round trip."""
+        import asyncio
+
+        await asyncio.to_thread(self.progress, fraction, message)
+
 
 _current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar("dj_current_job", default=None)
 
 
 def current_job() -> JobContext | None:
-    """The job this thread is running, or None outside a job."""
+    """The job this thread, or this asyncio task, is running; None outside a job."""
     return _current.get()
 
 

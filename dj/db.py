@@ -147,9 +147,19 @@ async def async_pool(url: str | None = None) -> AsyncConnectionPool:
 
             p = AsyncConnectionPool(url, min_size=1, max_size=10, open=False, name="dj-async",
                                     kwargs={"autocommit": True}, configure=configure)
-            await p.open(wait=True, timeout=10)  # see pool() on why it waits
+            try:
+                await p.open(wait=True, timeout=10)  # see pool() on why it waits
+            except BaseException:
+                await p.close()  # its tasks would go on trying to connect
+                raise
             _async_pools[key] = p
     return p
+
+
+def loop_async_pool(url: str | None = None) -> AsyncConnectionPool | None:
+    """This loop's pool for `url` if it is open already: async_pool() without a coroutine, for
+    the hot path."""
+    return _async_pools.get((url or database_url(), asyncio.get_running_loop()))
 
 
 def _check_reachable(url: str) -> bool:
@@ -161,17 +171,20 @@ def _check_reachable(url: str) -> bool:
 def _forget_closed_loops() -> None:
     """Drop the pools of loops that have been closed (asyncio.run() has returned, say). They cannot
     be closed any more (their loop is gone); their connections close as they are collected."""
-    for key in [k for k in _async_pools if k[1].is_closed()]:
-        del _async_pools[key]
+    # list(dict) copies the keys in one step: loops on other threads may be adding pools meanwhile.
+    for key in [k for k in list(_async_pools) if k[1].is_closed()]:
+        _async_pools.pop(key, None)
         _async_opening.pop(key, None)
 
 
 async def close_async_pools() -> None:
     """Close this event loop's pools: for an app's shutdown (Starlette's lifespan, say)."""
     loop = asyncio.get_running_loop()
-    for key in [k for k in _async_pools if k[1] is loop]:
-        await _async_pools.pop(key).close()
+    for key in [k for k in list(_async_pools) if k[1] is loop]:
+        p = _async_pools.pop(key, None)
         _async_opening.pop(key, None)
+        if p is not None:
+            await p.close()
 
 
 class _AsyncPooled:
@@ -184,9 +197,7 @@ class _AsyncPooled:
         self.url = url
 
     async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
-        # The pool's look-up inline: every async enqueue passes here.
-        p = _async_pools.get((self.url or database_url(), asyncio.get_running_loop()))
-        self.pool = p if p is not None else await async_pool(self.url)
+        self.pool = loop_async_pool(self.url) or await async_pool(self.url)
         self.conn = await self.pool.getconn()
         return self.conn
 

@@ -148,6 +148,20 @@ def probe(url: str, *, listen_wait: float = LISTEN_WAIT) -> Probe:
     return result
 
 
+def listen_target(database_url: str, listen_url: str | None = None) -> str | None:
+    """Where a worker LISTENs: `listen_url` (DJ_LISTEN_URL) once it proves it works, else
+    `database_url` if LISTEN works through it, else None: the worker polls. Raises DJError for
+    what cannot work: a pooler in statement mode, a listen URL that is unreachable, points at
+    another database or does not carry NOTIFY."""
+    found = probe(database_url)
+    if found.refusal():
+        raise DJError(found.refusal())
+    if listen_url:
+        check_listen_url(database_url, listen_url)
+        return listen_url
+    return database_url if found.listen else None
+
+
 def _transactions_work(url: str) -> bool:
     # On a connection of its own: PgBouncer in statement mode closes the client's connection.
     with connect(url, autocommit=True) as conn:

@@ -154,6 +154,36 @@ RETURNING jobs.id, jobs.task, jobs.args::text, jobs.kwargs::text, jobs.attempts,
           jobs.timeout, jobs.queue, jobs.priority, (extract(epoch FROM jobs.run_at) * 1000000)::int8
 """
 
+# Behind a transaction pooler without DJ_LISTEN_URL no NOTIFY reaches a worker, so it asks with
+# this instead, every poll interval (0.1 s by default): which of its queues are paused (what the
+# settings NOTIFY would have said), and, for each that is open (not paused, with room under its
+# concurrency limit, counted as in CLAIM's open_queues), where its first ready job sits, which is
+# what an enqueue's NOTIFY would have said (see _WAKE_AT and dj.cursors). Every worker runs it that
+# often, so it must cost next to nothing: per queue, one read of jobs_claim_idx that stops at its
+# first ready entry, with no lock and no write. The ORDER BY is the index's own and keeps it an
+# index read: a plain EXISTS was planned as a scan of the table, all of it for an empty queue.
+# It reads from the index's head, so an old snapshot makes it slower (see CLAIM); the notifier
+# then stretches its interval (dj.worker.notifier).
+POLL = """
+SELECT q.name, s.paused IS TRUE, j.priority, (extract(epoch FROM j.run_at) * 1000000)::int8, j.id
+FROM unnest(%(queues)s::text[]) AS q(name)
+LEFT JOIN queue_settings s ON s.queue = q.name
+LEFT JOIN LATERAL (
+    SELECT priority, run_at, id
+    FROM jobs
+    WHERE queue = q.name
+      AND locked_by IS NULL AND failed_at IS NULL
+      AND priority BETWEEN %(min_priority)s AND %(max_priority)s
+      AND run_at <= now()
+    ORDER BY priority, run_at, id
+    LIMIT 1
+) AS j ON s.paused IS NOT TRUE
+      AND (s.concurrency_limit IS NULL OR s.concurrency_limit > (
+           SELECT count(*) FROM jobs r
+           WHERE r.queue = q.name AND r.locked_by IS NOT NULL AND r.failed_at IS NULL))
+"""
+
+
 # --- finish an attempt ---------------------------------------------------------------------------
 
 # The tail shared by every statement that can finish a batch: enqueue the callback of each batch

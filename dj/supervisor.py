@@ -16,7 +16,7 @@ _OWN_GROUP: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11)
 
 import psycopg
 
-from . import db, logs
+from . import config, db, logs, pooler
 from .errors import DJError, WorkerStuck
 from .worker import Worker, _first_line
 
@@ -37,6 +37,10 @@ def run_workers(processes: int = 1, burst: bool = False, stop_with_parent: bool 
     if processes < 1:
         raise ValueError("processes must be at least 1")
     worker_options.setdefault("database_url", db.database_url())
+    worker_options["listen_url"] = worker_options.get("listen_url") or config.listen_url()
+    # Refuse what cannot work (a pooler in statement mode, a bad DJ_LISTEN_URL) once, here, with
+    # one error, before any worker starts; each worker then finds the same (dj/pooler.py).
+    pooler.listen_target(worker_options["database_url"], worker_options["listen_url"])
     if stop_with_parent:
         worker_options.setdefault("parent_pid", os.getppid())
     if processes == 1:

@@ -7,6 +7,7 @@ are imported. Nothing in the database can name code that is not registered here.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -49,6 +50,11 @@ PRIORITY_MIN, PRIORITY_MAX = -32768, 32767
 # calls here instead of writing to a database, and returns what this returns as the job ids.
 Interceptor = Callable[["Enqueuer[Any, Any]", list[Call]], list[int]]
 _interceptor: Interceptor | None = None
+
+
+def diverted() -> bool:
+    """Whether the test mode (dj.testing) is diverting enqueues: then nothing touches a database."""
+    return _interceptor is not None
 
 
 def lookup(name: str) -> Task[..., Any] | None:
@@ -130,8 +136,18 @@ class Enqueuer(Generic[P, R]):
         if o.unique_key is not None or o.unique:
             return (await self._enqueue_async([(args, kwargs)]))[0]
         params, batch = self._one(args, kwargs)
-        async with db.borrow_async(o.conn) as conn:
+        # Written out rather than through db.borrow_async(): its context manager costs about 1.5 us
+        # of Python a call, 1-2% of the rate next to a bare INSERT (dj bench, async-single).
+        if o.conn is not None:
+            conn = await connections.async_connection(o.conn)
             job_id: int = (await (await conn.execute(sql.ENQUEUE_ONE, params)).fetchone())[0]  # type: ignore[index]
+        else:
+            pool = db.loop_async_pool() or await db.async_pool()
+            conn = await pool.getconn()
+            try:
+                job_id = (await (await conn.execute(sql.ENQUEUE_ONE, params)).fetchone())[0]  # type: ignore[index]
+            finally:
+                await pool.putconn(conn)
         if batch:
             batch.total += 1
         return job_id
@@ -187,6 +203,9 @@ class Task(Enqueuer[P, R]):
     def __init__(self, fn: Callable[P, R], name: str, options: Options, cron: str | None = None):
         super().__init__(name, options)
         self.fn = fn
+        # A coroutine function: workers run it on their event loop (dj/worker/executor.py), and
+        # calling the task returns the coroutine, as calling the function would.
+        self.is_async = inspect.iscoroutinefunction(fn)
         self.cron = cron  # a cron expression: workers enqueue the task at each tick (see dj/cron.py)
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Before dj is imported: subprocesses (workers, the CLI) inherit all of this.
 os.environ.setdefault("DJ_HOME", str(Path(tempfile.gettempdir()) / "dj-test-home"))
-os.environ["DJ_TASKS"] = "tests.support_jobs"
+os.environ["DJ_TASKS"] = "tests.support_jobs,tests.support_async"
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 from dj import db  # noqa: E402
@@ -44,6 +44,21 @@ def db_url(dj_database_url):
     with psycopg.connect(dj_database_url, autocommit=True) as conn:
         conn.execute(RUNS_DDL)
     return dj_database_url
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(db_url):
+    """A real PgBouncer (Debian's package) in transaction mode in front of the test server, with a
+    pool of 2 server connections: fewer than the worker processes the tests run through it.
+    `pgbouncer.url()` is the session database through it."""
+    from dj.bench_pooler import PgBouncer, Unavailable
+
+    try:
+        bouncer = PgBouncer(db_url, mode="transaction", pool_size=2)
+    except Unavailable as exc:
+        pytest.skip(f"no PgBouncer: {exc}")
+    yield bouncer
+    bouncer.stop()
 
 
 @pytest.fixture

@@ -146,3 +146,21 @@ def test_the_backend_uses_djangos_own_framework_from_django_6_and_the_backport_b
     from dj.contrib.django import compat
 
     assert compat.FRAMEWORK == ("django.tasks" if django.VERSION >= (6,) else "django_tasks")
+
+
+def test_in_djs_test_mode_an_enqueue_is_captured_without_touching_djangos_database(tasks, conn):
+    import dj
+    from django.db import connections
+
+    connections.close_all()
+    with dj.testing.capture() as jobs:
+        result = tasks.record.using(priority=30).enqueue("captured")
+    [job] = jobs.jobs
+    assert (job.task, job.args, job.priority, str(job.id)) == ("tests.django_project.tasks.record", ["captured"], -30,
+                                                               result.id)
+    assert connections["default"].connection is None
+    assert jobs_rows(conn) == 0
+
+
+def jobs_rows(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM jobs").fetchone()[0]

@@ -14,7 +14,7 @@ from dj.task import COPY_AT
 from tests.support_jobs import record
 
 
-@dj.job(name="test.coroutine")
+@dj.job(name="test.enqueue_async.coroutine")
 async def coroutine_task(n: int) -> None:
     """Never run here: enqueueing a coroutine task is the same as any other."""
 
@@ -29,10 +29,11 @@ def test_enqueue_async_writes_the_same_row_as_enqueue(conn):
 
     sync_id = record.using(queue="mail", priority=3).enqueue("m")
     async_id, coroutine_task_id = run(main())
+    coroutine_task_sync_id = coroutine_task.enqueue(2)  # either side enqueues either kind of task
     rows = conn.execute("SELECT id, task, queue, priority, args, kwargs, max_attempts FROM jobs ORDER BY id").fetchall()
     assert [r[1:] for r in rows] == [("test.record", "mail", 3, ["m"], {}, 25)] * 2 + [
-        ("test.coroutine", "default", 0, [1], {}, 25)]
-    assert [r[0] for r in rows] == [sync_id, async_id, coroutine_task_id]
+        (coroutine_task.name, "default", 0, [n], {}, 25) for n in (1, 2)]
+    assert [r[0] for r in rows] == [sync_id, async_id, coroutine_task_id, coroutine_task_sync_id]
 
 
 def test_enqueue_many_async_keeps_order_and_uses_copy_for_big_batches(conn):
@@ -172,3 +173,14 @@ def test_bad_arguments_write_nothing_async(conn):
     with pytest.raises(ValueError, match="pass a reference"):
         run(main(record.enqueue_many_async([(1,), ("x" * (dj.task.MAX_ARGS_BYTES + 1),)])))
     assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+
+
+@pytest.mark.no_database
+def test_an_unreachable_database_is_one_clear_error_and_leaves_no_pool(monkeypatch):
+    url = "postgresql://dj:secret@127.0.0.1:1/nowhere"
+    monkeypatch.setattr(db, "_override", url)
+    with pytest.raises(dj.DatabaseUnavailable, match=r"cannot connect to postgresql://dj:\*\*\*@127\.0\.0\.1:1/nowhere") \
+            as caught:
+        run(record.enqueue_async(1))
+    assert "secret" not in str(caught.value)
+    assert not [k for k in db._async_pools if k[0] == url]

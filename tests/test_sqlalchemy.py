@@ -9,8 +9,8 @@ import time
 import psycopg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 import dj
 from dj.task import COPY_AT
@@ -85,6 +85,23 @@ def test_a_connection_not_yet_in_a_transaction_gets_one_that_its_commit_ends(eng
         c.execute(ROW, {"m": "row"})
         record.using(conn=c).enqueue("begin")
     assert jobs(conn) == [["connect"], ["begin"]] and rows(conn) == ["row"]
+
+
+class AppSession(Session):
+    """An application's own Session class (SQLModel's is one), defined outside SQLAlchemy."""
+
+
+def test_a_session_subclass_and_a_scoped_session_are_accepted(engine, conn):
+    with AppSession(engine) as session:
+        record.using(conn=session).enqueue("subclass")
+        session.commit()
+    scoped = scoped_session(sessionmaker(engine))  # Flask-SQLAlchemy's db.session is one
+    record.using(conn=scoped).enqueue("scoped, rolled back")
+    scoped.rollback()
+    record.using(conn=scoped).enqueue("scoped")
+    scoped.commit()
+    scoped.remove()
+    assert jobs(conn) == [["subclass"], ["scoped"]]
 
 
 def test_unique_jobs_inside_a_session_transaction(engine, db_url, conn):
@@ -198,6 +215,19 @@ def test_an_async_connection_and_unique_jobs_in_its_transaction(db_url, conn):
     first = run_async(db_url, body)
     assert conn.execute("SELECT id FROM jobs ORDER BY id").fetchone()[0] == first
     assert jobs(conn) == [[1], [5], ["begin"]]
+
+
+def test_an_async_scoped_session_is_accepted(db_url, conn):
+    async def body(engine):
+        scoped = async_scoped_session(async_sessionmaker(engine), scopefunc=asyncio.current_task)
+        await record.using(conn=scoped).enqueue_async("scoped, rolled back")
+        await scoped.rollback()
+        await record.using(conn=scoped).enqueue_async("scoped")
+        await scoped.commit()
+        await scoped.remove()
+
+    run_async(db_url, body)
+    assert jobs(conn) == [["scoped"]]
 
 
 def test_an_async_batch_on_an_async_session(db_url, conn):

@@ -274,6 +274,7 @@ def test_a_job_of_an_unknown_task_fails_the_drain(dj_jobs):
         tm_record.enqueue("a")
     with pytest.raises(dj.DJError, match="unknown task 'tm.no_such_task'"):
         dj_jobs.drain()
+    assert [j.task for j in dj_jobs.failed] == ["tm.no_such_task"]
 
 
 def test_drain_stops_a_job_that_enqueues_itself_forever(dj_jobs):

@@ -26,10 +26,11 @@ def test_mypy_holds_enqueue_calls_to_the_task_signature():
     wrong, right = SNIPPETS / "wrong_calls.py", SNIPPETS / "right_calls.py"
     # dj from this checkout, its errors silenced as for an installed package: the findings are the
     # snippets' own. Run outside the repository, so that dj's own mypy settings do not apply.
+    search_path = os.pathsep.join([str(ROOT), str(SNIPPETS)])  # dj, and typed_tasks beside the snippets
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--no-error-summary",
          "--cache-dir", str(Path(tempfile.gettempdir()) / "dj-test-mypy-cache"), str(wrong), str(right)],
-        capture_output=True, text=True, cwd=tempfile.gettempdir(), env={**os.environ, "MYPYPATH": str(ROOT)},
+        capture_output=True, text=True, cwd=tempfile.gettempdir(), env={**os.environ, "MYPYPATH": search_path},
         timeout=240)
     found = {(Path(m.group(1)).name, int(m.group(2)), m.group(3)) for m in
              re.finditer(r"^(\S+\.py):(\d+): error: .*\[([a-z-]+)\]$", result.stdout, re.M)}

@@ -3,8 +3,10 @@
 One worker process is a few parts, each in a module of its own:
 - `producer`: the main loop; each cycle records finished attempts and claims more jobs in one
   round trip (one transaction), and hands the claimed jobs to the executor;
-- `executor`: runs the jobs: sync jobs on `concurrency` runner threads; their timeouts;
-- `notifier`: a thread on its own connection (LISTEN) that wakes the main loop on enqueue;
+- `executor`: runs the jobs: sync jobs on `concurrency` runner threads (and their timeouts),
+  coroutine jobs on an event loop of the worker's own, up to `async_concurrency` at once;
+- `notifier`: a thread on its own connection that wakes the main loop on enqueue: LISTEN, or,
+  behind a transaction pooler without DJ_LISTEN_URL, a poll of the claim index;
 - `maintenance`: the heartbeat thread on its own connection, which also reclaims the jobs of dead
   workers, forgets stale ones, prunes stats and fires cron ticks;
 - `connection`: opening and replacing connections, and telling an outage once;
@@ -23,11 +25,11 @@ import time
 from collections import deque
 import psycopg
 
-from .. import db, sql
+from .. import config, db, pooler, sql
 from ..errors import WorkerStuck
 from ..task import PRIORITY_MAX, PRIORITY_MIN, load_task_modules
 from .connection import Connector, reconnect_delay
-from .executor import ThreadExecutor
+from .executor import AsyncExecutor, ThreadExecutor
 from .jobs import Claimed, Counts, Outcome, _first_line, log, retry_delay
 from .maintenance import Maintenance
 from .notifier import Notifier
@@ -36,6 +38,12 @@ from .producer import Producer, release_params
 __all__ = ["Worker", "Counts", "Claimed", "Outcome", "retry_delay", "reconnect_delay", "_first_line"]
 
 DEFAULT_LOCK_TIMEOUT = 300.0
+# Idle polls: where NOTIFY wakes the worker, a claim every 5 s is only the fallback. Behind a
+# transaction pooler without DJ_LISTEN_URL the poll is the wake-up: a read of the claim index
+# (sql.POLL) every 0.1 s, so a job waits up to ~0.1 s for an idle worker, for 10 cheap queries a
+# second per worker process (see the README, "Running behind PgBouncer").
+POLL_INTERVAL = 5.0
+POOLED_POLL_INTERVAL = 0.1
 
 
 class Worker:
@@ -47,7 +55,8 @@ class Worker:
         min_priority: int | None = None,
         max_priority: int | None = None,
         database_url: str | None = None,
-        poll_interval: float = 5.0,
+        listen_url: str | None = None,
+        poll_interval: float | None = None,
         prefetch: int | None = None,
         lock_timeout: float | None = None,
         heartbeat_interval: float = 5.0,
@@ -58,11 +67,15 @@ class Worker:
         log_jobs: bool = False,
         summary_interval: float = 30.0,
         snapshot_warn_after: float | None = None,
+        async_concurrency: int = 100,
     ):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if async_concurrency < 1:
+            raise ValueError("async_concurrency must be at least 1")
         self.queues = list(dict.fromkeys(queues)) or ["default"]
         self.concurrency = concurrency
+        self.async_concurrency = async_concurrency
         self.min_priority = PRIORITY_MIN if min_priority is None else min_priority
         self.max_priority = PRIORITY_MAX if max_priority is None else max_priority
         if self.min_priority > self.max_priority:
@@ -70,6 +83,7 @@ class Worker:
         self.log_jobs = log_jobs
         self.summary_interval = summary_interval
         self.url = database_url or db.database_url()
+        self.listen_url = listen_url or config.listen_url()  # DJ_LISTEN_URL (see dj/pooler.py)
         self.poll_interval = poll_interval
         self.fixed_prefetch = prefetch
         self.lock_timeout = float(lock_timeout or os.environ.get("DJ_LOCK_TIMEOUT") or DEFAULT_LOCK_TIMEOUT)
@@ -95,10 +109,12 @@ class Worker:
 
         self._connector = Connector(self.url, self.lock_timeout)
         self._executor = ThreadExecutor(self)
+        self._async_executor = AsyncExecutor(self)  # its loop starts with the first async job
         self._producer = Producer(self)
         self._notifier = Notifier(self._connector, self.queues, self._stopping,
                                   on_jobs=self._producer.on_jobs, on_settings=self._on_settings,
-                                  cursors=self._producer.cursors)
+                                  cursors=self._producer.cursors,
+                                  poll_params={"min_priority": self.min_priority, "max_priority": self.max_priority})
         self._maintenance = Maintenance(self)
 
     # --- public ---------------------------------------------------------------------------------
@@ -107,13 +123,15 @@ class Worker:
         """Work until stopped (SIGTERM/SIGINT or stop()), or with burst=True until no ready job is left."""
         load_task_modules()
         self._install_signal_handlers()
+        wake = self._choose_wake_up()
         self._producer.conn = db.connect(self.url, autocommit=True, **self._connector.tcp_options)
         db.ensure_schema(self._conn)
         self._register()
         self._executor.start()
         self._spawn(self._notifier.run, "dj-listener")
         self._spawn(self._maintenance.run, "dj-heartbeat")
-        log.info("worker %s started: queues=%s concurrency=%d", self.name, ",".join(self.queues), self.concurrency)
+        log.info("worker %s started: queues=%s concurrency=%d; wake-up: %s", self.name, ",".join(self.queues),
+                 self.concurrency, wake)
         try:
             self._producer.loop(burst)
         finally:
@@ -129,6 +147,19 @@ class Worker:
         self._wake.set()
 
     # --- wiring ---------------------------------------------------------------------------------
+
+    def _choose_wake_up(self) -> str:
+        """LISTEN where it works, else poll (dj.pooler.listen_target; it raises DJError for a pooler
+        in statement mode or a DJ_LISTEN_URL that cannot work). Returns it in words, for the log."""
+        listen = pooler.listen_target(self.url, self.listen_url)
+        self._notifier.listen_url = listen
+        if listen is not None:
+            self._producer.poll_interval = self.poll_interval or POLL_INTERVAL
+            return "LISTEN" + (" on DJ_LISTEN_URL" if listen != self.url else "")
+        self._notifier.poll_interval = self.poll_interval or POOLED_POLL_INTERVAL
+        self._producer.poll_interval = max(POLL_INTERVAL, self._notifier.poll_interval)
+        return (f"polls every {self._notifier.poll_interval:g}s (a transaction pooler in front and no "
+                "DJ_LISTEN_URL)")
 
     @property
     def _conn(self) -> psycopg.Connection | None:
@@ -182,8 +213,9 @@ class Worker:
     def _shutdown(self) -> None:
         producer = self._producer
         self._stopping.set()
-        unstarted = self._executor.take_unstarted()
+        unstarted = self._executor.take_unstarted() + self._async_executor.take_unstarted()
         self._executor.stop()
+        self._async_executor.stop()
         deadline = time.monotonic() + self.shutdown_timeout
         producer.release(unstarted)
         while time.monotonic() < deadline:
@@ -199,6 +231,7 @@ class Worker:
             log.warning("%d job(s) still running after %gs; handing them back", len(self._held),
                         self.shutdown_timeout)
             producer.release(list(self._held.values()))
+        self._async_executor.close()  # cancels what still runs: it was handed back
         try:
             self._conn.execute(sql.UNREGISTER_WORKER, (self.name,))
         except psycopg.Error:

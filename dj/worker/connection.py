@@ -10,7 +10,7 @@ import time
 
 import psycopg
 
-from .. import sql
+from .. import pooler, sql
 from ..config import mask_secrets
 from .jobs import _clip, _first_line, log
 
@@ -40,9 +40,16 @@ class Connector:
         self._outage_since: float | None = None
         self.epoch = 0
 
-    def connect(self) -> psycopg.Connection:
-        return psycopg.connect(self.url, autocommit=True, connect_timeout=self.connect_timeout,
-                               **self.tcp_options)
+    def connect(self, url: str | None = None) -> psycopg.Connection:
+        """An autocommit connection to the database, or to `url` (DJ_LISTEN_URL). Behind a pooler it
+        prepares no statements (dj.pooler.adapt)."""
+        url = url or self.url
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=self.connect_timeout, **self.tcp_options)
+        try:
+            return pooler.adapt(conn, url)
+        except BaseException:
+            conn.close()
+            raise
 
     def reconnect(self, old: psycopg.Connection | None, worker: str,
                   held: list[int]) -> tuple[psycopg.Connection, int | None]:

@@ -1,23 +1,38 @@
-"""The notifier: a thread that LISTENs on its own connection and wakes the main loop when a job is
-enqueued on one of the worker's queues (`sql.NOTIFY_CHANNEL`), or when a queue's settings change
-(`sql.QUEUE_SETTINGS_CHANNEL`: a pause hands back the buffered jobs of that queue)."""
+"""The notifier: a thread on its own connection that wakes the main loop when a job is enqueued on
+one of the worker's queues, or when a queue's settings change (a pause hands back the buffered jobs
+of that queue). It works one of two ways, chosen at start (`dj.pooler.listen_target`):
+
+- LISTEN (`sql.NOTIFY_CHANNEL`, `sql.QUEUE_SETTINGS_CHANNEL`), on the database URL, or on
+  DJ_LISTEN_URL when the database URL goes through a transaction pooler: wakes within milliseconds;
+- polling, behind a transaction pooler without DJ_LISTEN_URL, where no NOTIFY can reach an idle
+  client: `sql.POLL`, one read of the claim index per queue, every poll interval (0.1 s by
+  default), so an idle worker finds a new job within about that time. It tells the claim cursors
+  where the first ready job sits, as an enqueue's NOTIFY would."""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
 from .. import sql
-from ..cursors import ClaimCursors
+from ..cursors import SEPARATOR, ClaimCursors
 from .connection import Connector, reconnect_delay
+
+# A poll that reads slowly (an old snapshot keeps dead entries at the head of the claim index, see
+# sql.CLAIM) waits this many times its own duration before the next, so that polling never takes
+# more than a few percent of a server process.
+POLL_COST_FACTOR = 20.0
 
 
 class Notifier:
     def __init__(self, connector: Connector, queues: list[str], stopping: threading.Event,
                  on_jobs: Callable[[], None], on_settings: Callable[[str], None],
-                 cursors: ClaimCursors | None = None):
+                 cursors: ClaimCursors | None = None, poll_params: dict[str, Any] | None = None):
         self.connector = connector
         self.queues = queues
         # Reads a jobs NOTIFY's payload: is it for our queues, and where does its job sit?
@@ -25,6 +40,10 @@ class Notifier:
         self.stopping = stopping
         self.on_jobs = on_jobs  # ready jobs may be waiting (a NOTIFY, or back from an outage)
         self.on_settings = on_settings  # a queue's settings changed; the payload is JSON
+        # Set by Worker.run before the thread starts: where to LISTEN, or None to poll.
+        self.listen_url: str | None = None
+        self.poll_interval = 0.1
+        self.poll_params = {"queues": queues, **(poll_params or {})}
 
     def run(self) -> None:
         connector, stopping = self.connector, self.stopping
@@ -32,19 +51,44 @@ class Notifier:
         while not stopping.is_set():
             epoch = connector.epoch
             try:
-                with connector.connect() as conn:
-                    conn.execute("LISTEN " + sql.NOTIFY_CHANNEL)
-                    conn.execute("LISTEN " + sql.QUEUE_SETTINGS_CHANNEL)
+                with connector.connect(self.listen_url) as conn:
+                    if self.listen_url is not None:
+                        conn.execute("LISTEN " + sql.NOTIFY_CHANNEL)
+                        conn.execute("LISTEN " + sql.QUEUE_SETTINGS_CHANNEL)
                     epoch, failures = connector.back(epoch), 0
                     self.cursors.rescan()  # we may have missed notifications while away
                     self.on_jobs()
-                    while not stopping.is_set():
-                        for note in conn.notifies(timeout=1.0):
-                            if note.channel == sql.QUEUE_SETTINGS_CHANNEL:
-                                self.on_settings(note.payload)
-                            elif self.cursors.woken(note.payload):
-                                self.on_jobs()
+                    if self.listen_url is not None:
+                        self._listen(conn)
+                    else:
+                        self._poll(conn)
             except psycopg.Error as exc:
                 connector.lost(exc, epoch)
                 stopping.wait(reconnect_delay(failures))
                 failures += 1
+
+    def _listen(self, conn: psycopg.Connection) -> None:
+        while not self.stopping.is_set():
+            for note in conn.notifies(timeout=1.0):
+                if note.channel == sql.QUEUE_SETTINGS_CHANNEL:
+                    self.on_settings(note.payload)
+                elif self.cursors.woken(note.payload):
+                    self.on_jobs()
+
+    def _poll(self, conn: psycopg.Connection) -> None:
+        paused: set[str] = set()
+        wait = self.poll_interval
+        while not self.stopping.wait(wait):
+            started = time.monotonic()
+            rows = conn.execute(sql.POLL, self.poll_params).fetchall()
+            wait = max(self.poll_interval, POLL_COST_FACTOR * (time.monotonic() - started))
+            now_paused = {queue for queue, is_paused, *_ in rows if is_paused}
+            for queue in sorted(now_paused - paused):  # what the settings NOTIFY would have said
+                self.on_settings(json.dumps({"queue": queue, "paused": True}))
+            paused = now_paused
+            woken = False
+            for queue, _, priority, micros, job_id in rows:
+                if job_id is not None:  # what an enqueue's NOTIFY would have said (sql._WAKE_AT)
+                    woken |= self.cursors.woken(SEPARATOR.join((queue, str(priority), str(micros), str(job_id))))
+            if woken:
+                self.on_jobs()

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from .. import sql
+from .. import task as task_mod
 from ..cursors import ClaimCursors
 from .connection import reconnect_delay
+from .executor import MAX_ASYNC_BUFFER
 from .jobs import (MAX_ERROR_CHARS, Claimed, Counts, Outcome, _array_literal, _clip, _first_line, _load_job_json,
                    _seconds_literal, log, retry_delay)
 
@@ -46,6 +48,10 @@ class Producer:
         self.queues = w.queues
         self.connector = w._connector
         self.executor = w._executor
+        self.async_executor = w._async_executor
+        self._registry_size = -1
+        self._async_tasks: set[str] = set()  # names of the registered coroutine tasks
+        self._async_until = 0.0  # async slots count in the room until then (see resize_buffer)
         self.counts = w.counts
         self._held = w._held
         self._results = w._results
@@ -67,7 +73,8 @@ class Producer:
         self.concurrency = w.concurrency
         self.fixed_prefetch = w.fixed_prefetch
         self.capacity = w.concurrency + (w.concurrency if w.fixed_prefetch is None else w.fixed_prefetch)
-        self.executor.flush_at = self.capacity // 2
+        self.slots = w.concurrency
+        self.executor.flush_at = self.async_executor.flush_at = self.capacity // 2
         self.summary_interval = w.summary_interval
         self._summary_at = time.monotonic() + w.summary_interval
         self._summarised = Counts()
@@ -124,11 +131,26 @@ class Producer:
     # --- one cycle --------------------------------------------------------------------------------
 
     def resize_buffer(self) -> None:
+        """Size the claim buffer (capacity: jobs held at most) and the slots (jobs run at once).
+
+        A claim cannot choose sync or async jobs, so the room is one number. The async executor's
+        slots and buffer count in it only while async jobs are about (one is held, or one was
+        claimed in the last second): otherwise a worker whose queues hold only sync jobs would
+        hoard `async_concurrency` more of them away from other workers."""
+        ex = self.executor
         if self.fixed_prefetch is None:
-            per_thread = min(MAX_PREFETCH_PER_THREAD,
-                             max(1, int(BUFFER_SECONDS / max(self.executor.avg_runtime, 1e-6))))
-            self.capacity = self.concurrency * (1 + per_thread)
-            self.executor.flush_at = self.capacity // 2
+            per_thread = min(MAX_PREFETCH_PER_THREAD, max(1, int(BUFFER_SECONDS / max(ex.avg_runtime, 1e-6))))
+            capacity = self.concurrency * (1 + per_thread)
+        else:
+            capacity = self.concurrency + self.fixed_prefetch
+        self.slots = self.concurrency
+        ax = self.async_executor
+        if ax.busy or self._async_until > time.monotonic():
+            self.slots += ax.concurrency
+            capacity += ax.concurrency + min(MAX_ASYNC_BUFFER, max(
+                1, int(BUFFER_SECONDS * ax.concurrency / max(ax.avg_runtime, 1e-6))))
+        self.capacity = capacity
+        ex.flush_at = ax.flush_at = capacity // 2
 
     def room(self) -> int:
         # A timed-out job's thread stays busy until the function returns, so it still takes a slot.
@@ -145,7 +167,7 @@ class Producer:
             outcomes.append(results.popleft())
         self.resize_buffer()
         room = self.room() + len(outcomes)
-        idle = self.concurrency - (self.capacity - room)
+        idle = self.slots - (self.capacity - room)
         # Claim when a thread is idle or the buffer has drained to the refill mark. Claiming one
         # job each time one finishes would cost a round trip per job.
         claim = self.more_ready and room > 0 and (idle > 0 or room >= self.capacity // 2)
@@ -196,15 +218,31 @@ class Producer:
             self.more_ready = True
         rows.sort(key=lambda r: (r[8], r[9], r[0]))
         held = self._held
-        jobs = []
+        jobs: list[Claimed] = []
+        coroutines: list[Claimed] = []
         last = {}
-        for r in rows:
-            job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
-            held[job.id] = job
-            jobs.append(job)
-            last[job.queue] = (job.priority, job.run_at, job.id)
+        if len(task_mod._registry) != self._registry_size:  # tasks registered since the last look
+            self._registry_size = len(task_mod._registry)
+            self._async_tasks = {name for name, t in task_mod.registered().items() if t.is_async}
+        async_tasks = self._async_tasks
+        if not async_tasks:
+            for r in rows:
+                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
+                held[job.id] = job
+                jobs.append(job)
+                last[job.queue] = (job.priority, job.run_at, job.id)
+        else:
+            for r in rows:
+                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
+                held[job.id] = job
+                (coroutines if job.task in async_tasks else jobs).append(job)
+                last[job.queue] = (job.priority, job.run_at, job.id)
         self.cursors.claimed(last, self._claim_head, time.monotonic() - self._claim_started)
-        self.executor.submit(jobs)
+        if jobs:
+            self.executor.submit(jobs)
+        if coroutines:
+            self._async_until = time.monotonic() + 1.0
+            self.async_executor.submit(coroutines)
         return len(rows)
 
     def claim(self, room: int) -> psycopg.Cursor:
@@ -242,7 +280,8 @@ class Producer:
     def hand_back_paused(self) -> None:
         """Give back the buffered, unstarted jobs of queues that were just paused; running ones finish."""
         paused, self.paused = self.paused, set()
-        give = self.executor.take_unstarted(lambda job: job.queue in paused)
+        give = [*self.executor.take_unstarted(lambda job: job.queue in paused),
+                *self.async_executor.take_unstarted(lambda job: job.queue in paused)]
         if give:
             log.info("queue(s) %s paused: handing back %d unstarted job(s)", ",".join(sorted(paused)), len(give))
             self.release(give)

@@ -5,17 +5,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 import dj
-from dj import Task, job
-
-
-@job
-def create_user(marker: int) -> None:
-    pass
-
-
-@job(name="mail.send_welcome", queue="mail")
-async def send_welcome(email: str, *, lang: str = "en") -> None:
-    pass
+from dj import Task
+from typed_tasks import create_user, send_welcome
 
 
 def app(session: Session, conn: psycopg.Connection) -> list[int]:

@@ -1,16 +1,6 @@
 """Calls a type checker must refuse: each line marked `# error: CODE` (mypy's error code)."""
 
-from dj import job
-
-
-@job
-def create_user(marker: int) -> None:
-    pass
-
-
-@job(name="mail.send_welcome", queue="mail")
-async def send_welcome(email: str, *, lang: str = "en") -> None:
-    pass
+from typed_tasks import create_user, send_welcome
 
 
 create_user.enqueue("x")  # error: arg-type

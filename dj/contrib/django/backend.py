@@ -39,7 +39,7 @@ import dj
 from dj import admin
 from dj.context import current_job
 from dj.errors import DJError
-from dj.task import Task as DjTask, lookup
+from dj.task import Task as DjTask, diverted, lookup
 
 from .compat import (BaseTaskBackend, Task, TaskContext, TaskError, TaskResult, TaskResultDoesNotExist,
                      TaskResultStatus, task_enqueued, task_finished, task_started)
@@ -86,7 +86,8 @@ class Backend(BaseTaskBackend):
     def enqueue(self, task: Task, args: Any, kwargs: Any) -> TaskResult:
         self.validate_task(task)
         job_id = self._register(task).using(
-            conn=self._connection(), queue=task.queue_name, priority=dj_priority(task.priority),
+            # In dj's test mode nothing is written, so Django need not connect either.
+            conn=None if diverted() else self._connection(), queue=task.queue_name, priority=dj_priority(task.priority),
             run_at=task.run_after, max_attempts=self.max_attempts,
         ).enqueue(*args, **kwargs)
         result = _result(task, self.alias, str(job_id), TaskResultStatus.READY, list(args), dict(kwargs),
