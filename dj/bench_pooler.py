@@ -75,7 +75,7 @@ class PgBouncer:
         binary = _binary()
         if binary is None:
             raise Unavailable("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
-        params = conninfo.conninfo_to_dict(server_url)
+        params = {k: str(v) for k, v in conninfo.conninfo_to_dict(server_url).items()}
         self.server = params
         self.user = params.get("user") or pwd.getpwuid(os.geteuid()).pw_name
         host = params.get("host") or "/var/run/postgresql"
@@ -154,7 +154,8 @@ def measure(bench: Any, worker_pool: Callable[..., Any], rounds: int) -> dict[st
         bench.notes.append(f"through PgBouncer: not measured ({exc})")
         return {"skipped": str(exc)}
     try:
-        pooled_url = bouncer.url(conninfo.conninfo_to_dict(bench.url).get("dbname"))
+        dbname = conninfo.conninfo_to_dict(bench.url).get("dbname")
+        pooled_url = bouncer.url(str(dbname) if dbname is not None else None)
         p, n = max(bench.processes), bench.jobs
         q_direct, q_pooled = bench.queue("pgb-direct"), bench.queue("pgb-pooled")
         direct, pooled = [], []

@@ -130,6 +130,15 @@ def test_a_task_that_takes_context_sees_its_attempt(tasks, conn):
     assert runs(conn) == [("ctx", 1)]
 
 
+def test_an_async_task_runs_on_the_workers_event_loop(tasks, conn):
+    from dj.contrib.django import Backend
+
+    assert Backend.supports_async_task
+    tasks.record_async.enqueue("async")
+    work()
+    assert runs(conn) == [("async", 1)]
+
+
 def test_dj_commands_use_djangos_database_when_dj_database_url_is_unset(tasks, db_url):
     tasks.record.enqueue("status")
     env = {k: v for k, v in os.environ.items() if k != "DJ_DATABASE_URL"}

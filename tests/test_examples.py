@@ -1,6 +1,6 @@
 """The README's application examples (examples/) run: a Starlette app with a SQLAlchemy AsyncSession
-answers a request against the test database, and the sync script places an order whose job a
-real worker then runs."""
+answers a request against the test database, and the sync script places an order; a real worker
+runs each one's job (the async one on its event loop)."""
 
 import asyncio
 import importlib
@@ -38,8 +38,13 @@ def test_the_starlette_example_writes_the_row_and_its_job_in_one_transaction(app
     assert conn.execute("SELECT id, task, queue, args FROM jobs").fetchall() == [
         (body["job"], "examples.send_welcome", "mail", [body["id"]])]
     assert conn.execute("SELECT email FROM example_signups").fetchall() == [("ada@example.com",)]
-    # The job itself, called directly (the lifespan disposed of the engine; this loop gets its own).
+    # The job itself, called directly (the lifespan disposed of the engine; this loop gets its own),
+    # then run by a real worker, on its event loop.
     assert asyncio.run(example.send_welcome(body["id"])) == "welcome, ada@example.com"
+    worked = dj_cli("work", "--burst", "--queues", "mail", env={"DJ_TASKS": "examples.starlette_app"})
+    assert worked.returncode == 0, worked.stderr
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+    assert conn.execute("SELECT sum(succeeded), sum(failed) FROM job_stats").fetchone() == (1, 0)
 
 
 def test_the_sync_example_places_an_order_whose_job_a_worker_runs(app_url, conn):

@@ -11,6 +11,7 @@ worker's and command's log is checked for tracebacks and prepared-statement erro
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -40,6 +41,9 @@ from tests.test_cli import (  # noqa: F401
     test_enqueue_work_status_list_retry_cancel, test_missing_schema_says_run_dj_migrate_and_migrate_is_idempotent,
     test_status_json_counts_every_state_per_queue)
 from tests.test_cron import test_three_real_workers_enqueue_each_tick_once  # noqa: F401
+from tests.test_enqueue_async import (  # noqa: F401
+    test_a_batch_counts_jobs_enqueued_async, test_enqueue_async_writes_the_same_row_as_enqueue,
+    test_enqueue_many_async_keeps_order_and_uses_copy_for_big_batches, test_unique_jobs_async_return_the_holders_id)
 from tests.test_enqueue import (  # noqa: F401
     test_bulk_enqueue_by_copy_keeps_order_options_and_sends_one_notify, test_enqueue_many_is_one_statement_and_keeps_order,
     test_enqueue_writes_one_row_with_the_task_defaults, test_every_enqueue_call_sends_one_notify_with_the_queue)
@@ -256,3 +260,22 @@ def test_dj_web_serves_through_the_pooler(pgbouncer, conn):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
     assert_clean(err, "dj web")
+
+
+def test_async_enqueues_through_a_transaction_pooler_prepare_nothing(conn):
+    """dj's async pool turns psycopg's prepared statements off behind a pooler: with them, the 6th
+    run of a statement on a client connection would name a statement that the server connection
+    PgBouncer lends it next does not have."""
+    async def main() -> list[int]:
+        ids: list[int] = []
+        for _ in range(3):  # 20 at once: several pool connections over PgBouncer's 2 server ones
+            ids += await asyncio.gather(*(record.enqueue_async(i) for i in range(20)))
+        for _ in range(3):
+            ids += await record.using(unique=True).enqueue_many_async([(i,) for i in range(5)])
+        ids += await record.enqueue_many_async([(i,) for i in range(1500)])
+        await db.close_async_pools()
+        return ids
+
+    ids = asyncio.run(main())
+    assert len(set(ids)) == 60 + 5 + 1500
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 60 + 5 + 1500

@@ -30,6 +30,13 @@ def explode(marker: str) -> None:
     raise ValueError(f"boom {marker}")
 
 
+@task()
+async def record_async(marker: str) -> None:
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(_record)(marker)  # the ORM from async code, as Django wants it
+
+
 @task(takes_context=True)
 def with_context(context: TaskContext, marker: str) -> None:
     _record(marker, context.attempt)

@@ -50,16 +50,11 @@ def dj_priority(django_priority: int) -> int:
     return -django_priority
 
 
-def _async_jobs() -> bool:
-    """Whether this dj's workers run coroutine jobs (an event loop per worker process)."""
-    return hasattr(DjTask, "is_async")
-
-
 class Backend(BaseTaskBackend):
     supports_defer = True
     supports_priority = True
     supports_get_result = False  # successes are deleted; see the module's docstring
-    supports_async_task = _async_jobs()
+    supports_async_task = True  # workers run coroutine jobs on an event loop of their own
 
     def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
