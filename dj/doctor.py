@@ -23,7 +23,8 @@ OK, WARN = "OK", "WARN"
 # extract(epoch ...) to be exact (numeric, PostgreSQL 14+), and VACUUM (SKIP_LOCKED) needs 12.
 MIN_VERSION = 140000
 # Connections a worker process keeps open: its main loop, its heartbeat and maintenance, its
-# listener. Jobs that use dj.db.pool() open up to 10 more each, on demand.
+# listener; a fourth for the seconds it vacuums jobs (one worker at a time). Jobs that use
+# dj.db.pool() open up to 10 more each, on demand.
 CONNECTIONS_PER_WORKER = 3
 POOL_CONNECTIONS = 10
 # jobs: warn when this many dead rows wait and they are most of the table.
@@ -153,8 +154,8 @@ def _connections(conn: psycopg.Connection) -> Check:
     data = {"max_connections": max_conn, "reserved": reserved, "in_use": in_use, "workers": workers,
             "worker_connections": need}
     message = (f"max_connections {max_conn} ({reserved} reserved), {in_use} in use; {workers} worker process(es) "
-               f"use {need} ({CONNECTIONS_PER_WORKER} each, plus up to {POOL_CONNECTIONS} each for jobs that "
-               "use dj.db.pool())")
+               f"use {need} ({CONNECTIONS_PER_WORKER} each, one more while vacuuming, plus up to "
+               f"{POOL_CONNECTIONS} each for jobs that use dj.db.pool())")
     if need > 0.8 * usable or in_use > 0.9 * usable:
         return Check("connections", WARN, message, "raise max_connections, run fewer worker processes, or put "
                      "a transaction pooler in front (see the README)", data)

@@ -62,6 +62,7 @@ class Producer:
         # Where each queue's next claim starts reading (dj/cursors.py): after this worker's last
         # claimed job, so that it does not re-read the dead index entries an old snapshot keeps.
         self.cursors = ClaimCursors(self.queues, w.min_priority)
+        self._claim_head, self._claim_started = False, 0.0  # the claim in flight: from a head? since?
         self.paused: set[str] = set()
         self.poll_interval = w.poll_interval
         self.flush_interval = 0.005
