@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +77,17 @@ async def _post_forms(base: str, mode: str, n: int, clients: int) -> tuple[list[
     and the moment the first post started (time.time(), to compare with the mails' arrival)."""
     latencies: list[float] = []
     todo = iter(range(n))
+    run = uuid.uuid4().hex[:8]  # the app refuses a thought twice: each run's thoughts are new
     failures: list[str] = []
 
     async def client(http: httpx.AsyncClient) -> None:
         for i in todo:
             started = time.perf_counter()
             r = await http.post(f"{base}/thoughts", data={"email": f"{mode}-{i}@work-it.example",
-                                                          "thought": f"thought {i} of the {mode} run"})
+                                                          "thought": f"thought {i} of {mode} run {run}"})
             latencies.append(time.perf_counter() - started)
             if r.status_code != 200:
-                failures.append(f"{r.status_code} {r.text[:200]}")
+                failures.append(f"{r.status_code} {' '.join(r.text.split())[:200]}")
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(timeout=60, limits=limits) as http:
