@@ -154,12 +154,13 @@ def worker_process(db_url):
 
 
 @pytest.fixture
-def run_burst(db_url):
-    """Drain queues with real worker processes (`dj work --burst`); returns the CompletedProcess."""
+def run_burst(cli):
+    """Drain queues with real worker processes (`dj work --burst`); returns the CompletedProcess.
+    Through the `cli` fixture, so a module that overrides it (test_pgbouncer) drains its way."""
 
     def run(queues=("default",), processes: int = 1, concurrency: int = 4, *extra: str, timeout: float = 300):
-        result = dj_cli("work", "--burst", "--queues", ",".join(queues), "--processes", str(processes),
-                        "--concurrency", str(concurrency), *extra, timeout=timeout)
+        result = cli("work", "--burst", "--queues", ",".join(queues), "--processes", str(processes),
+                     "--concurrency", str(concurrency), *extra, timeout=timeout)
         assert result.returncode == 0, result.stderr
         return result
 

@@ -92,17 +92,6 @@ def cli(through_pgbouncer):
 
 
 @pytest.fixture
-def run_burst(cli):
-    def run(queues=("default",), processes: int = 1, concurrency: int = 4, *extra: str, timeout: float = 300):
-        result = cli("work", "--burst", "--queues", ",".join(queues), "--processes", str(processes),
-                     "--concurrency", str(concurrency), *extra, timeout=timeout)
-        assert result.returncode == 0, result.stderr
-        return result
-
-    return run
-
-
-@pytest.fixture
 def worker_process(through_pgbouncer):
     started = []
 
