@@ -321,17 +321,19 @@ class _BurstProgress:
 # --- status and jobs ----------------------------------------------------------------------------
 
 def _status_table(doc: dict[str, Any]) -> Table:
-    table = Table("queue", "ready", "scheduled", "running", "retrying", "dead", "oldest ready",
+    table = Table("queue", "ready", "scheduled", "running", "retrying", "dead", "oldest ready", "kept",
                   title="dj status", caption=(
                       f"{doc['throughput']['succeeded_last_minute']} succeeded, "
                       f"{doc['throughput']['failed_last_minute']} failed in the last minute; "
                       f"{len(doc['workers'])} worker(s); oldest snapshot: {_snapshot_note(doc['oldest_snapshot'])}"))
-    for name, q in doc["queues"].items():
-        table.add_row(escape(name), *(str(q[k]) for k in ("ready", "scheduled", "running", "retrying", "dead")),
-                      f"{q['oldest_ready_age_s']:.1f}s")
+    kept = doc["succeeded"]["queues"]  # successes kept with keep=, by queue
+    for name in sorted({*doc["queues"], *kept}):
+        q = doc["queues"].get(name)
+        counts = [str(q[k]) for k in ("ready", "scheduled", "running", "retrying", "dead")] if q else ["0"] * 5
+        table.add_row(escape(name), *counts, f"{q['oldest_ready_age_s']:.1f}s" if q else "", str(kept.get(name, 0)))
     t = doc["totals"]
     table.add_row("[bold]total", *(f"[bold]{t[k]}" for k in ("ready", "scheduled", "running", "retrying", "dead")),
-                  "")
+                  "", f"[bold]{doc['succeeded']['total']}")
     return table
 
 
@@ -378,15 +380,25 @@ def status(
 
 @jobs_app.command("list")
 def jobs_list(
-    state: Annotated[Optional[str], typer.Option("--state", help="ready, scheduled, running or dead.")] = None,
+    state: Annotated[Optional[str], typer.Option(
+        "--state", help="ready, scheduled, running, dead, or succeeded (successes kept with keep=).")] = None,
     queue: Annotated[Optional[str], typer.Option("--queue", "-q")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="Only this task (a % matches any text).")] = None,
     limit: Annotated[int, typer.Option("--limit", help="Rows to show.")] = 50,
     database_url: DatabaseUrl = None,
 ) -> None:
     """List jobs, oldest first."""
-    if state is not None and state not in admin.STATES:
-        raise DJError(f"unknown state {state!r}; choose one of {', '.join(admin.STATES)}")
-    rows = admin.list_jobs(_connect(database_url), state=state, queue=queue, limit=limit)
+    if state is not None and state not in admin.LIST_STATES:
+        raise DJError(f"unknown state {state!r}; choose one of {', '.join(admin.LIST_STATES)}")
+    rows = admin.list_jobs(_connect(database_url), state=state, queue=queue, limit=limit, task=task)
+    if state == "succeeded":
+        table = Table("id", "queue", "task", "attempts", "finished", "run time", "result")
+        for r in rows:
+            shown = json.dumps(r["result"]) if r["result_error"] is None else f"(not kept: {r['result_error']})"
+            table.add_row(str(r["id"]), escape(r["queue"]), escape(r["task"]), str(r["attempts"]),
+                          f"{r['finished_at']:%Y-%m-%d %H:%M:%S}", f"{r['run_seconds']:.3f}s", escape(shown[:60]))
+        out.print(table)
+        return
     table = Table("id", "state", "queue", "pri", "task", "attempts", "run_at", "last error")
     for r in rows:
         error = (r["last_error"] or "").strip().splitlines()
@@ -402,7 +414,7 @@ def jobs_show(job_id: Annotated[int, typer.Argument(metavar="ID")], database_url
     """Show every field of one job, including its last error."""
     row = admin.get_job(_connect(database_url), job_id)
     for key, value in row.items():
-        if key in ("args", "kwargs"):
+        if key in ("args", "kwargs", "result"):
             value = json.dumps(value)
         out.print(f"[bold]{key}[/bold]: ", end="")
         out.print(str(value), markup=False, highlight=False)

@@ -11,7 +11,7 @@ import inspect
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import config, connections, db, enqueueing, sql
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         conn: Conn | None
         unique_key: str | None
         unique: bool | Callable[..., Any] | None
+        keep: float | timedelta | None
 
 __all__ = ["COPY_AT", "MAX_ARGS_BYTES", "Enqueuer", "Options", "Task", "enqueue", "job", "lookup", "registered",
            "to_json"]
@@ -92,6 +93,19 @@ class Options:
     unique_key: str | None = None
     # How @job(unique=...) derives a key from the arguments: True (all of them) or a function.
     unique: bool | Callable[..., Any] | None = None
+    # Seconds a success is kept, with its return value (dj.result); None: deleted, as in DelayedJob.
+    keep: float | None = None
+
+
+def keep_seconds(keep: float | timedelta | None) -> float | None:
+    """`keep=` as seconds: a positive number of seconds or a timedelta, or None (not kept)."""
+    if keep is None:
+        return None
+    if isinstance(keep, timedelta):
+        keep = keep.total_seconds()
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep < float("inf"):
+        raise ValueError(f"keep must be a positive number of seconds or a timedelta, not {keep!r}")
+    return float(keep)
 
 
 class Enqueuer(Generic[P, R]):
@@ -109,6 +123,8 @@ class Enqueuer(Generic[P, R]):
         conn = changes.get("conn")
         if conn is not None:
             connections.is_async(conn)  # a TypeError here, for anything it cannot be
+        if "keep" in changes:
+            changes["keep"] = keep_seconds(changes["keep"])
         return Enqueuer(self.name, replace(self.options, **changes))
 
     def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> int:
@@ -225,24 +241,27 @@ def job(name: Callable[P, R], /) -> Task[P, R]: ...
 @overload
 def job(name: str | None = None, *, queue: str = "default", priority: int = 0, max_attempts: int = 25,
         timeout: float | None = None, unique: bool | Callable[..., Any] | None = None,
-        cron: str | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+        cron: str | None = None, keep: float | timedelta | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
 def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", priority: int = 0,
         max_attempts: int = 25, timeout: float | None = None, unique: bool | Callable[..., Any] | None = None,
-        cron: str | None = None,
+        cron: str | None = None, keep: float | timedelta | None = None,
         ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Register a function as a job. `name` defaults to `module.function`.
 
     `unique=True` makes jobs with equal arguments unique while one is pending; `unique=fn` uses
     `fn(*args, **kwargs)` as the key.
     `cron="*/5 * * * *"` makes running workers enqueue it, without arguments, once per tick (dj/cron.py).
+    `keep=3600` (seconds, or a timedelta) keeps a success that long, with its return value, for
+    `dj.result()` and the history (dj/results.py); by default a success is deleted.
     """
     if callable(name):  # used bare, as @job
         return job()(name)
     _check_priority(priority)
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
+    keep_s = keep_seconds(keep)
     if cron is not None:
         from .cron import validate
 
@@ -254,7 +273,7 @@ def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", pri
         if existing is not None and existing.fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"job name {task_name!r} is already registered by {existing.fn!r}")
         task: Task[P, R] = Task(fn, task_name, Options(queue=queue, priority=priority, max_attempts=max_attempts,
-                                            timeout=timeout, unique=unique), cron=cron)
+                                            timeout=timeout, unique=unique, keep=keep_s), cron=cron)
         _registry[task_name] = task
         return task
 
