@@ -321,19 +321,17 @@ class _BurstProgress:
 # --- status and jobs ----------------------------------------------------------------------------
 
 def _status_table(doc: dict[str, Any]) -> Table:
-    table = Table("queue", "ready", "scheduled", "running", "retrying", "dead", "oldest ready", "kept",
+    table = Table("queue", "ready", "scheduled", "running", "retrying", "dead", "oldest ready",
                   title="dj status", caption=(
                       f"{doc['throughput']['succeeded_last_minute']} succeeded, "
                       f"{doc['throughput']['failed_last_minute']} failed in the last minute; "
                       f"{len(doc['workers'])} worker(s); oldest snapshot: {_snapshot_note(doc['oldest_snapshot'])}"))
-    kept = doc["succeeded"]["queues"]  # successes kept with keep=, by queue
-    for name in sorted({*doc["queues"], *kept}):
-        q = doc["queues"].get(name)
-        counts = [str(q[k]) for k in ("ready", "scheduled", "running", "retrying", "dead")] if q else ["0"] * 5
-        table.add_row(escape(name), *counts, f"{q['oldest_ready_age_s']:.1f}s" if q else "", str(kept.get(name, 0)))
+    for name, q in doc["queues"].items():
+        table.add_row(escape(name), *(str(q[k]) for k in ("ready", "scheduled", "running", "retrying", "dead")),
+                      f"{q['oldest_ready_age_s']:.1f}s")
     t = doc["totals"]
     table.add_row("[bold]total", *(f"[bold]{t[k]}" for k in ("ready", "scheduled", "running", "retrying", "dead")),
-                  "", f"[bold]{doc['succeeded']['total']}")
+                  "")
     return table
 
 
@@ -358,7 +356,12 @@ def status(
         print(json.dumps(admin.status(conn), indent=2))
         return
     if not watch:
-        out.print(_status_table(admin.status(conn)))
+        doc = admin.status(conn)
+        out.print(_status_table(doc))
+        kept = doc["succeeded"]
+        if kept["total"]:  # successes kept with keep= (dj jobs list --state succeeded)
+            out.print(f"succeeded (kept): {kept['total']} ("
+                      + ", ".join(f"{escape(q)} {n}" for q, n in sorted(kept["queues"].items())) + ")")
         running = admin.running_progress(conn)
         if running:
             table = Table("job", "task", "worker", "progress", "message", title="progress of running jobs")

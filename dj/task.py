@@ -123,9 +123,10 @@ class Enqueuer(Generic[P, R]):
         conn = changes.get("conn")
         if conn is not None:
             connections.is_async(conn)  # a TypeError here, for anything it cannot be
+        options = replace(self.options, **changes)  # type: ignore[arg-type]  # keep: made seconds below
         if "keep" in changes:
-            changes["keep"] = keep_seconds(changes["keep"])
-        return Enqueuer(self.name, replace(self.options, **changes))
+            options = replace(options, keep=keep_seconds(changes["keep"]))
+        return Enqueuer(self.name, options)
 
     def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> int:
         """Insert one job and return its id; if its unique key is held, the holder's id."""

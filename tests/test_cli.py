@@ -181,7 +181,8 @@ def test_enqueue_work_status_list_retry_cancel(cli, conn):
 
     results = run_parallel(cli, {"status": ("status", "--json"), "list": ("jobs", "list", "--state", "dead", WIDE)})
     doc = json.loads(ok(results["status"]))
-    assert set(doc) == {"queues", "totals", "workers", "throughput", "oldest_snapshot"}  # the last added by issue 12
+    # oldest_snapshot added by issue 12, succeeded (kept successes) by issue 15
+    assert set(doc) == {"queues", "totals", "workers", "throughput", "oldest_snapshot", "succeeded"}
     assert set(doc["queues"]) == {"default"}
     assert set(doc["queues"]["default"]) == QUEUE_KEYS
     assert set(doc["totals"]) == STATE_KEYS

@@ -97,11 +97,11 @@ class DJCollector(Collector):
             for state in admin.STATES:
                 jobs.add_metric([q["name"], state], q[state])
             jobs.add_metric([q["name"], "succeeded"], kept.get(q["name"], 0))
-        for name in sorted(set(kept) - {q["name"] for q in doc["queues"]}):
-            jobs.add_metric([name, "succeeded"], kept[name])
             retrying.add_metric([q["name"]], q["retrying"])
             oldest.add_metric([q["name"]], q["oldest_ready_age_s"])
             paused.add_metric([q["name"]], 1 if q["paused"] else 0)
+        for name in sorted(set(kept) - {q["name"] for q in doc["queues"]}):  # only kept rows left
+            jobs.add_metric([name, "succeeded"], kept[name])
         yield jobs
         yield retrying
         yield oldest
