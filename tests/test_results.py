@@ -64,7 +64,10 @@ def test_kept_results_from_several_workers_and_plain_successes_still_deleted(db_
     assert conn.execute("SELECT sum(succeeded) FROM job_stats").fetchone()[0] == 601
 
 
-def test_result_waits_for_a_running_worker_and_wakes_on_notify(db_url, worker_process):
+def test_result_waits_for_a_running_worker_and_wakes_on_notify(db_url, worker_process, monkeypatch):
+    # No fallback poll within the test's time: where LISTEN works, only the NOTIFY can end the wait
+    # in time (behind PgBouncer, test_pgbouncer.py runs this again, and it polls instead).
+    monkeypatch.setattr(dj.results, "POLL_WITH_LISTEN", 120.0)
     worker = worker_process("--concurrency", "2", env=RESULT_TASKS)
     worker.wait_for_log("started")
     job_id = slow_total.enqueue(40, 2, seconds=0.3)
@@ -83,7 +86,8 @@ def test_result_waits_for_a_running_worker_and_wakes_on_notify(db_url, worker_pr
     assert [out[j] for j in ids] == list(range(8))
 
 
-def test_result_async_waits_on_the_event_loop(db_url, worker_process):
+def test_result_async_waits_on_the_event_loop(db_url, worker_process, monkeypatch):
+    monkeypatch.setattr(dj.results, "POLL_WITH_LISTEN", 120.0)  # as above: the NOTIFY must wake it
     worker = worker_process("--concurrency", "2", env=RESULT_TASKS)
     worker.wait_for_log("started")
 
