@@ -41,7 +41,7 @@ def measure(bench: "_Bench") -> dict[str, Any]:
         noop.using(queue=q).enqueue_many([()] * min(bench.jobs, 500))
         bench.wait_empty(pool, q, 1000)
         off, on = [], []
-        for _ in range(KEEP_ROUNDS):
+        for _ in range(3 if bench.quick else KEEP_ROUNDS):
             off.append(fill_and_drain(pool, None))
             on.append(fill_and_drain(pool, KEEP_SECONDS))
     kept = bench.conn.execute("SELECT count(*) FROM job_results WHERE queue = %s", (q,)).fetchone()[0]

@@ -114,7 +114,8 @@ ORDER BY queue
 #
 # It returns args and kwargs as text and run_at as microseconds since the epoch (exact, so the
 # worker can pass a position back; and cheaper to decode than jsonb and timestamptz, see
-# dj.worker.jobs._load_job_json).
+# dj.worker.jobs._load_job_json), and keep: whether the worker records the success with
+# COMPLETE_KEEP, with the return value, instead of COMPLETE.
 CLAIM = """
 WITH open_queues AS (
     SELECT q.name, q.after_priority,

@@ -246,21 +246,18 @@ class Jobs:
         and TimeoutError at once for a job not run yet (call drain() first: nothing else would
         run it)."""
         with self._lock:
-            for record in self.performed:
-                if record.id == job_id:
-                    if record.keep is None:
-                        break
-                    return record.result
-            for record in self.failed:
-                if record.id == job_id:
-                    raise JobDead(job_id, f"{type(record.error).__name__}: {record.error}")
+            performed = next((r for r in self.performed if r.id == job_id), None)
+            failed = next((r for r in self.failed if r.id == job_id), None)
             pending = next((r for r in self.jobs if r.id == job_id), None)
-            known = pending is not None or any(r.id == job_id for r in self.performed)
-        if not known:
+        record = performed or failed or pending
+        if record is None:
             raise LookupError(f"no job {job_id} in this capture")
-        record = pending or next(r for r in self.performed if r.id == job_id)
+        if failed is not None:
+            raise JobDead(job_id, f"{type(failed.error).__name__}: {failed.error}")
         if record.keep is None:
             raise ResultNotKept(f"job {job_id} was enqueued without keep=: its result is never stored")
+        if performed is not None:
+            return performed.result
         raise TimeoutError(f"job {job_id} has not run: call drain() first")
 
     def _running(self, record: CapturedJob) -> "_Running":

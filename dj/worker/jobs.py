@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..results import encode_result
 from ..task import MAX_ARGS_BYTES
 
 log = logging.getLogger("dj.worker")
@@ -161,8 +162,6 @@ def kept_outcome(job: Claimed, value: Any) -> Outcome:
     the arguments' size limit does not fail the job (its work is done, and a retry would do it
     again): the job succeeds, the reason is kept instead of the value (dj.result() raises
     dj.ResultError with it), and the worker logs a warning."""
-    from ..results import encode_result
-
     result, error = encode_result(value)
     if error is not None:
         log.warning("job %d (%s) succeeded, but its return value is not kept: %s", job.id, _clip(job.task, 200),
