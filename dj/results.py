@@ -14,7 +14,7 @@ result() waits for the job to end and returns its value (decoded from JSON):
 - `timeout` seconds without an end raises `TimeoutError`.
 
 Waiting: a LISTEN on sql.RESULTS_CHANNEL, on which COMPLETE_KEEP and FAIL notify the ids of jobs
-that were kept or died, with a look at the job every POLL_WITH_LISTEN seconds as the fallback (a
+that were kept or died (comma-separated, up to 300 a notification), with a look at the job every POLL_WITH_LISTEN seconds as the fallback (a
 job the reaper made dead sends no NOTIFY). Where LISTEN cannot work (behind a transaction pooler
 without DJ_LISTEN_URL, see dj/pooler.py) it polls instead, from POLL_MIN up to POLL_MAX seconds
 apart. Each look is one primary-key probe of each table (sql.RESULT_OF).
@@ -121,7 +121,7 @@ def result(job_id: int, timeout: float | None = None, *, url: str | None = None)
             if listen:
                 pause = POLL_WITH_LISTEN if left is None else min(POLL_WITH_LISTEN, left)
                 for note in conn.notifies(timeout=pause):
-                    if note.payload == str(job_id):
+                    if str(job_id) in note.payload.split(","):
                         break
             else:
                 time.sleep(wait if left is None else min(wait, left))
@@ -161,5 +161,5 @@ async def result_async(job_id: int, timeout: float | None = None, *, url: str | 
             left = _check_timeout(job_id, deadline)
             pause = POLL_WITH_LISTEN if left is None else min(POLL_WITH_LISTEN, left)
             async for note in listener.notifies(timeout=pause):
-                if note.payload == str(job_id):
+                if str(job_id) in note.payload.split(","):
                     break

@@ -16,7 +16,7 @@ with a higher attempt number.
 
 NOTIFY_CHANNEL = "dj_jobs"
 QUEUE_SETTINGS_CHANNEL = "dj_queue_settings"  # payload {"queue": ..., "paused": ...} (dj/admin.py)
-RESULTS_CHANNEL = "dj_results"  # payload a job id: it was kept (succeeded) or died (dj/results.py)
+RESULTS_CHANNEL = "dj_results"  # payload job ids, comma-separated: kept (succeeded) or died (dj/results.py)
 
 # --- enqueue -------------------------------------------------------------------------------------
 
@@ -275,7 +275,7 @@ FROM (SELECT queue FROM callbacks UNION SELECT queue FROM freed) AS wake
 # stay as they are however many pile up (measured: see docs/ARCHITECTURE.md); the alternative, a
 # 'succeeded' row left in jobs, would keep the heap and every non-partial index of the hot table
 # growing with the history. The fence, the stats, the batch progress and the wake-ups are COMPLETE's.
-# Each kept job NOTIFYs RESULTS_CHANNEL, which ends the wait of dj.result().
+# The ids of the kept jobs go out on RESULTS_CHANNEL, which ends the waits of dj.result().
 COMPLETE_KEEP = """
 WITH d AS MATERIALIZED (
     SELECT d.*, %(worker)s::text AS worker
@@ -295,7 +295,14 @@ WITH d AS MATERIALIZED (
     SELECT id, queue, priority, task, args, kwargs, attempts, max_attempts, batch_id, created_at, run_at,
            now(), now() + keep * interval '1 second', seconds, result::jsonb, result_error
     FROM done
-    RETURNING pg_notify('""" + RESULTS_CHANNEL + """', id::text)
+    RETURNING id
+), told AS (
+    -- One NOTIFY per 300 kept jobs (their ids, comma-separated: under the 8000-byte payload limit),
+    -- not one per job: every session that LISTENs on any channel (each worker's notifier) reads
+    -- every notification queued, so a drain of kept jobs must not queue thousands a second.
+    SELECT pg_notify('""" + RESULTS_CHANNEL + """', string_agg(id::text, ','))
+    FROM (SELECT id, (row_number() OVER () - 1) / 300 AS chunk FROM kept) AS k
+    GROUP BY chunk
 ), freed AS (
     SELECT queue FROM queue_settings
     WHERE concurrency_limit IS NOT NULL AND queue IN (SELECT queue FROM done)
@@ -309,6 +316,8 @@ WITH d AS MATERIALIZED (
 ), """ + _ENQUEUE_BATCH_CALLBACKS + """
 SELECT queue, pg_notify('""" + NOTIFY_CHANNEL + """', queue)
 FROM (SELECT queue FROM callbacks UNION SELECT queue FROM freed) AS wake
+UNION ALL
+SELECT NULL, NULL FROM (SELECT count(*) FROM told) AS t  -- a plain CTE runs only if read: this makes it run
 """
 
 # A failed attempt either waits for its retry (run_at moves to the future) or is dead (failed_at).
