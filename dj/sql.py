@@ -340,13 +340,12 @@ WITH d AS MATERIALIZED (
     WHERE b.id = n.batch_id
     RETURNING b.*
 ), """ + _ENQUEUE_BATCH_CALLBACKS + """, settled AS (
-    SELECT queue FROM dj_settle_dependents(
-        ARRAY(SELECT dependents_of FROM done WHERE dependents_of IS NOT NULL),
-        ARRAY(SELECT id FROM batch_progress WHERE finished_at IS NOT NULL AND has_dependents AND dead = 0),
-        NULL, NULL,
-        ARRAY(SELECT id FROM batch_progress WHERE finished_at IS NOT NULL AND has_dependents AND dead > 0)) AS queue
-    WHERE EXISTS (SELECT FROM done WHERE dependents_of IS NOT NULL)
-       OR EXISTS (SELECT FROM batch_progress WHERE finished_at IS NOT NULL AND has_dependents)
+    SELECT s.queue
+    FROM (SELECT array_agg(dependents_of) AS ids FROM done WHERE dependents_of IS NOT NULL) AS j,
+         (SELECT array_agg(id) FILTER (WHERE dead = 0) AS ok, array_agg(id) FILTER (WHERE dead > 0) AS bad
+          FROM batch_progress WHERE finished_at IS NOT NULL AND has_dependents) AS b,
+         LATERAL dj_settle_dependents(j.ids, b.ok, NULL, NULL, b.bad) AS s(queue)
+    WHERE j.ids IS NOT NULL OR b.ok IS NOT NULL OR b.bad IS NOT NULL
 )
 SELECT queue, pg_notify('""" + NOTIFY_CHANNEL + """', queue)
 FROM (SELECT queue FROM callbacks UNION SELECT queue FROM freed UNION SELECT queue FROM settled) AS wake
@@ -368,7 +367,8 @@ WITH f AS MATERIALIZED (  -- the fence: see COMPLETE
     WHERE jobs.id = ANY(%(ids)s::bigint[])
       AND jobs.id = f.id AND jobs.attempts = f.attempts AND jobs.locked_by IS NOT DISTINCT FROM f.worker
     RETURNING jobs.queue, jobs.batch_id, f.dead, f.seconds,
-              CASE WHEN f.dead AND jobs.has_dependents THEN jobs.id END AS dependents_of
+              CASE WHEN f.dead AND jobs.has_dependents THEN jobs.id END AS dependents_of,
+              CASE WHEN f.dead AND jobs.has_dependents THEN f.error END AS dependents_error
 ), """ + _stats_from("failed", "failed") + """, batch_progress AS (
     UPDATE batches AS b
     SET dead = b.dead + n.count,
@@ -378,14 +378,14 @@ WITH f AS MATERIALIZED (  -- the fence: see COMPLETE
     WHERE b.id = n.batch_id
     RETURNING b.*
 ), """ + _ENQUEUE_BATCH_CALLBACKS + """, settled AS (
-    SELECT queue FROM dj_settle_dependents(NULL, NULL,
-        ARRAY(SELECT x.dependents_of FROM failed x WHERE x.dependents_of IS NOT NULL ORDER BY 1),
-        ARRAY(SELECT 'dependency job ' || x.dependents_of || ' is dead: ' || """ + _LAST_LINE.format("f.error") + """
-              FROM failed x JOIN f ON f.id = x.dependents_of WHERE x.dependents_of IS NOT NULL
-              ORDER BY x.dependents_of),
-        ARRAY(SELECT id FROM batch_progress WHERE finished_at IS NOT NULL AND has_dependents)) AS queue
-    WHERE EXISTS (SELECT FROM failed WHERE dependents_of IS NOT NULL)
-       OR EXISTS (SELECT FROM batch_progress WHERE finished_at IS NOT NULL AND has_dependents)
+    SELECT s.queue
+    FROM (SELECT array_agg(dependents_of ORDER BY dependents_of) AS ids,
+                 array_agg('dependency job ' || dependents_of || ' is dead: ' || """ + _LAST_LINE.format("dependents_error") + """
+                           ORDER BY dependents_of) AS why
+          FROM failed WHERE dependents_of IS NOT NULL) AS j,
+         (SELECT array_agg(id) AS bad FROM batch_progress WHERE finished_at IS NOT NULL AND has_dependents) AS b,
+         LATERAL dj_settle_dependents(NULL, NULL, j.ids, j.why, b.bad) AS s(queue)
+    WHERE j.ids IS NOT NULL OR b.bad IS NOT NULL
 )
 SELECT queue, pg_notify('""" + NOTIFY_CHANNEL + """', queue)
 FROM (SELECT queue FROM callbacks UNION SELECT queue FROM settled) AS wake
