@@ -76,7 +76,8 @@ def waits_for(conn: psycopg.Connection[Any], job_id: int) -> list[dict[str, Any]
 # the jobs it waits for, directly or through other waiting jobs and batches, is ready or running
 # (in any queue, as another worker may run it). A burst worker keeps going while this holds. A
 # dependency that is only scheduled (a retry in backoff) does not hold it, as a scheduled job in
-# its own queues does not: --burst stops once nothing can run now.
+# its own queues does not: --burst stops once nothing can run now. It runs only when a burst worker
+# found nothing to claim, at most once per wake-up or poll interval.
 RELEASABLE = """
 WITH RECURSIVE held(id) AS (
     SELECT id FROM jobs
@@ -85,8 +86,11 @@ WITH RECURSIVE held(id) AS (
     SELECT j.id
     FROM held h
     JOIN job_dependencies x ON x.job_id = h.id
-    JOIN jobs j ON j.id = x.after_job OR j.batch_id = x.after_batch
-    WHERE j.failed_at IS NULL
+    CROSS JOIN LATERAL (
+        SELECT id FROM jobs WHERE id = x.after_job AND failed_at IS NULL  -- the primary key
+        UNION ALL
+        SELECT id FROM jobs WHERE batch_id = x.after_batch AND failed_at IS NULL
+    ) AS j
 )
 SELECT EXISTS (
     SELECT FROM held h JOIN jobs j ON j.id = h.id
