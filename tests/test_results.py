@@ -232,7 +232,7 @@ def test_history_in_the_cli_status_and_metrics(db_url, cli):
 
     doc = json.loads(cli("status", "--json").stdout)
     assert doc["succeeded"] == {"total": 4, "queues": {"default": 3, "reports": 1}}
-    assert set(doc["totals"]) == {"ready", "scheduled", "running", "dead", "retrying"}  # unchanged
+    assert set(doc["totals"]) == {"ready", "scheduled", "running", "dead", "retrying", "waiting"}  # unchanged
     human = cli("status", env=wide).stdout
     assert "succeeded (kept): 4 (default 3, reports 1)" in human
 

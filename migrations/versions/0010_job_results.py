@@ -1,15 +1,15 @@
 """Kept successes: jobs.keep and the job_results table
 
-Revision ID: 0009_job_results
-Revises: 0008_maintenance
+Revision ID: 0010_job_results
+Revises: 0009_dependencies
 """
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql as pg
 
-revision = "0009_job_results"
-down_revision = "0008_maintenance"
+revision = "0010_job_results"
+down_revision = "0009_dependencies"
 branch_labels = None
 depends_on = None
 
