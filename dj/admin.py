@@ -139,6 +139,7 @@ def get_job(conn: psycopg.Connection, job_id: int) -> dict[str, Any]:
         row = history.get_result(conn, job_id)
         if row is None:
             raise DJError(f"no job {job_id} (finished jobs are deleted, unless kept with keep= until it runs out)")
+        row["waits_for"] = []  # it succeeded: whatever it waited for had succeeded
         return row
     row["waits_for"] = dependencies.waits_for(conn, job_id)
     return row
