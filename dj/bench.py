@@ -73,7 +73,7 @@ ROUNDS = 3  # the drains, the plain-SQL ceiling and the bulk enqueue are each th
 RAW_CLAIM_DELETE = f"""
 DELETE FROM jobs WHERE id IN (
     SELECT id FROM jobs
-    WHERE queue = %s AND locked_by IS NULL AND failed_at IS NULL
+    WHERE queue = %s AND locked_by IS NULL AND failed_at IS NULL AND limit_key IS NULL
     ORDER BY priority, run_at, id
     LIMIT {RAW_BATCH}
     FOR UPDATE SKIP LOCKED)
@@ -92,7 +92,10 @@ SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = %(q)s AND failed_at IS NULL AND 
 """
 
 PENDING = """
-SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = %(q)s AND locked_by IS NULL AND failed_at IS NULL)
+SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = %(q)s AND locked_by IS NULL AND failed_at IS NULL
+               AND limit_key IS NULL)
+    OR EXISTS (SELECT 1 FROM jobs WHERE queue = %(q)s AND locked_by IS NULL AND failed_at IS NULL
+               AND limit_key IS NOT NULL)
     OR EXISTS (SELECT 1 FROM jobs WHERE locked_by IS NOT NULL AND queue = %(q)s)
 """
 
