@@ -74,7 +74,19 @@ def status(conn: psycopg.Connection) -> dict[str, Any]:
         "throughput": {"succeeded_last_minute": succeeded, "failed_last_minute": failed},
         # Added with issue 12: the session whose snapshot holds back vacuum of jobs, or null.
         "oldest_snapshot": snapshot.oldest(conn),
+        # Added with issue 15: the keys of per-key limits that are at their limit, and the ready
+        # jobs each holds back (the most first; at most KEYS_SHOWN keys, `held` counted to 10,000).
+        "keys_at_limit": keys_at_limit(conn),
     }
+
+
+KEYS_SHOWN = 20
+
+
+def keys_at_limit(conn: psycopg.Connection, top: int = KEYS_SHOWN) -> list[dict[str, Any]]:
+    """Keys with as many running jobs as their limit allows, and how many ready jobs wait for them."""
+    return [{"key": key, "queue": queue, "running": running, "limit": limit, "held": held}
+            for key, queue, running, limit, held in conn.execute(sql.KEYS_AT_LIMIT, {"top": top}).fetchall()]
 
 
 def list_jobs(conn: psycopg.Connection, state: str | None = None, queue: str | None = None,

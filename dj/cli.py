@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 import psycopg
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
@@ -320,7 +320,7 @@ class _BurstProgress:
 
 # --- status and jobs ----------------------------------------------------------------------------
 
-def _status_table(doc: dict[str, Any]) -> Table:
+def _status_table(doc: dict[str, Any]) -> Table | Group:
     table = Table("queue", "ready", "scheduled", "running", "retrying", "dead", "oldest ready",
                   title="dj status", caption=(
                       f"{doc['throughput']['succeeded_last_minute']} succeeded, "
@@ -332,7 +332,12 @@ def _status_table(doc: dict[str, Any]) -> Table:
     t = doc["totals"]
     table.add_row("[bold]total", *(f"[bold]{t[k]}" for k in ("ready", "scheduled", "running", "retrying", "dead")),
                   "")
-    return table
+    if not doc.get("keys_at_limit"):
+        return table
+    keys = Table("key at its limit", "queue", "running", "limit", "ready, held back", title="per-key limits")
+    for k in doc["keys_at_limit"]:
+        keys.add_row(escape(k["key"]), escape(k["queue"]), str(k["running"]), str(k["limit"]), str(k["held"]))
+    return Group(table, keys)
 
 
 def _snapshot_note(snap: dict[str, Any] | None) -> str:

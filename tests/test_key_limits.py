@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import time
+import warnings
 from collections import defaultdict
 
 import pytest
@@ -153,7 +154,7 @@ def test_a_failed_attempt_frees_the_slot_and_the_retry_waits_its_turn(conn, work
     assert row == (1, True)
 
 
-def test_status_shows_the_keys_at_their_limit(conn, worker_process, cli):
+def test_status_metrics_and_dashboard_show_the_keys_at_their_limit(conn, db_url, worker_process, cli):
     keys.one.enqueue("s", "running", 30.0)
     worker_process()
     wait_for(lambda: conn.execute("SELECT 1 FROM test_runs WHERE marker = 's:running:start'").fetchone(),
@@ -166,6 +167,18 @@ def test_status_shows_the_keys_at_their_limit(conn, worker_process, cli):
     assert doc["totals"]["ready"] == 5 and doc["totals"]["running"] == 1
     text = cli("status")
     assert "keys.one:s" in text.stdout, text.stdout
+    with warnings.catch_warnings():  # as in test_web: Starlette would rather have httpx2
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+    from dj.web.app import create_app
+
+    with TestClient(create_app(db_url), base_url="http://127.0.0.1") as client:
+        metrics = client.get("/metrics").text
+        assert "dj_keys_at_limit 1.0" in metrics
+        assert 'dj_key_held_jobs{key="keys.one:s",queue="default"} 5.0' in metrics
+        fragment = client.get("/fragments/queues").text
+        assert 'data-key="keys.one:s"' in fragment and "Keys at their limit" in fragment
 
 
 @pytest.mark.no_database
