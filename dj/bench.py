@@ -65,8 +65,8 @@ RAW_BATCH = 100
 # dj's async drain should be at least 10x theirs (issue 13).
 PEERS_10X = ("oban", "pgqueuer")
 # What `dj bench --only` can pick, in the order a full run measures them.
-SECTIONS = ("bulk", "single", "async-single", "drain", "latency", "pgbouncer", "soak", "old-snapshot", "rebuild",
-            "peers")
+SECTIONS = ("bulk", "single", "async-single", "drain", "latency", "pgbouncer", "soak", "old-snapshot", "fairness",
+            "rebuild", "peers")
 ROUNDS = 3  # the drains, the plain-SQL ceiling and the bulk enqueue are each the median of this many
 
 # The plain-SQL ceiling of the issue: claim and delete in batches, nothing else.
@@ -242,6 +242,7 @@ class _Bench:
         # setup, bulk, single, drains, latency, soak rounds, rebuild steps, peers, cleanup
         total = 3 + len(processes) + 1 + soak_rounds + 1 + 2 * (REBUILD_ROUNDS + 1) + (len(PEERS) * (1 + len(processes)) if peers else 0) + 1
         total += bench_snapshot.STEPS + 1 + 2  # + async-single + through PgBouncer
+        total += 1  # fairness
         total += bench_async_drain.PROCESSES in processes
         self.steps = _Steps(progress, total)
 
@@ -296,6 +297,12 @@ class _Bench:
             if self.wants("pgbouncer"):
                 self.steps.start("drain through PgBouncer, beside the direct drain")
                 result["pgbouncer"] = bench_pooler.measure(self, _WorkerPool, ROUNDS)
+            if self.wants("fairness"):
+                # Imported here: it registers a task with a per-key limit, which the workers of the
+                # other sections (they import this module) must not know (see dj.bench_fairness).
+                from . import bench_fairness
+
+                result["fairness"] = bench_fairness.measure(self, _WorkerPool)
             if self.wants("rebuild"):
                 result["rebuild"] = self.rebuild()
             if self.peers or (self.only is not None and "peers" in self.only):
@@ -748,6 +755,10 @@ def table(doc: dict[str, Any]):
                                                             "table_bytes_after")) + " MiB", "bounded", "")
     bench_async.add_rows(t, doc, _n, _mark)
     bench_snapshot.add_rows(t, doc, _n, _mark)
+    if "fairness" in doc:
+        from . import bench_fairness
+
+        bench_fairness.add_rows(t, doc, _n, _mark)
     r = doc.get("rebuild")
     if r is None:
         pass
