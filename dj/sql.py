@@ -164,7 +164,9 @@ SELECT set_config('dj.claim_keys', coalesce((SELECT array_agg(limit_key) FROM lo
 # read always starts at its head, never at the remembered position, so a job held back by its key
 # is never skipped past: it is the first one read when its key has room again. They join the plain
 # candidates in (priority, run_at, id) order under the same LIMIT, so a claim stays one round trip
-# for many jobs, and a key at its limit holds back only its own jobs.
+# for many jobs, and a key at its limit holds back only its own jobs. A queue's room (its
+# concurrency limit) is shared: the keyed rows take theirs first, the plain read the rest. With no
+# keys (a worker that knows no keyed task never sets dj.claim_keys) all of this reads nothing.
 #
 # It returns args and kwargs as text and run_at as microseconds since the epoch (exact, so the
 # worker can pass a position back; and cheaper to decode than jsonb and timestamptz, see
@@ -188,9 +190,9 @@ WITH open_queues AS (
     SELECT k.limit_key, (SELECT count(*) FROM jobs r
                          WHERE r.limit_key = k.limit_key AND r.locked_by IS NOT NULL AND r.failed_at IS NULL
                         ) AS running
-    FROM unnest(current_setting('dj.claim_keys', true)::text[]) AS k(limit_key)
-), keyed AS (
-    SELECT c.id, c.priority, c.run_at,
+    FROM unnest(nullif(current_setting('dj.claim_keys', true), '')::text[]) AS k(limit_key)
+), keyed_heads AS (
+    SELECT c.id, c.priority, c.run_at, q.name AS queue, q.room,
            k.running + row_number() OVER (PARTITION BY k.limit_key ORDER BY c.priority, c.run_at, c.id)
                <= c.key_limit AS fits
     FROM open_queues AS q
@@ -210,6 +212,12 @@ WITH open_queues AS (
             ORDER BY h.priority, h.run_at, h.id LIMIT 1) - k.running))
         FOR UPDATE SKIP LOCKED
     ) AS c
+), keyed AS (
+    -- The keyed rows that fit their key, and the queue's room (its concurrency limit) too.
+    SELECT id, priority, run_at, queue
+    FROM (SELECT h.*, row_number() OVER (PARTITION BY h.queue ORDER BY h.priority, h.run_at, h.id) AS n
+          FROM keyed_heads AS h WHERE h.fits) AS h
+    WHERE n <= room
 ), picked AS (
     SELECT c.id
     FROM (
@@ -224,11 +232,11 @@ WITH open_queues AS (
               AND (priority, run_at, id) > (q.after_priority, q.after_run_at, q.after_id)
               AND run_at <= now()
             ORDER BY priority, run_at, id
-            LIMIT q.room
+            LIMIT q.room - (SELECT count(*) FROM keyed WHERE keyed.queue = q.name)
             FOR UPDATE SKIP LOCKED
         ) AS c
         UNION ALL
-        SELECT id, priority, run_at FROM keyed WHERE fits
+        SELECT id, priority, run_at FROM keyed
     ) AS c
     ORDER BY c.priority, c.run_at, c.id
     LIMIT %(limit)s

@@ -192,3 +192,46 @@ def test_limit_options_are_checked():
     with pytest.raises(TypeError, match="set them on @job"):
         keys.one.using(limit=3)
     assert keys.one.options.limit == 1 and keys.three.options.limit == 3
+
+
+def _claim_params(worker: str) -> dict:
+    return {"queues": ["default"], "min_priority": -32768, "max_priority": 32767, "limit": 10, "worker": worker,
+            "after_priority": [-32768], "after_micros": [None], "after_id": [None]}
+
+
+def test_keys_with_any_characters_are_claimed_once_and_a_stale_setting_is_harmless(conn):
+    from dj import sql
+
+    odd = 'a,b{"c}\\ d'
+    keys.three.enqueue_many([(odd, f"m{i}") for i in range(5)])
+    with conn.transaction():
+        conn.execute(sql.LOCK_KEYS, {"queues": ["default"], "after_key": None, "max_keys": 50})
+        claimed = conn.execute(sql.CLAIM, _claim_params("t1")).fetchall()
+    assert len(claimed) == 3  # the key's limit, whatever its characters
+    # Behind a transaction pooler, a server connection that served a keyed claim serves another
+    # client next: the transaction-local setting is gone, and a claim that looks for no keys must
+    # neither fail nor claim keyed jobs.
+    with conn.transaction():
+        assert conn.execute(sql.CLAIM, _claim_params("t2")).fetchall() == []
+    with conn.transaction():
+        conn.execute(sql.LOCK_KEYS, {"queues": ["default"], "after_key": None, "max_keys": 50})
+        assert conn.execute(sql.CLAIM, _claim_params("t3")).fetchall() == []  # still 3 running
+
+
+def test_a_queues_concurrency_limit_counts_keyed_and_plain_jobs_together(conn):
+    from dj import admin, sql
+    from tests.support_jobs import record
+
+    admin.set_concurrency_limit(conn, "default", 4)
+    for tenant in ("p", "q", "r"):
+        keys.three.enqueue_many([(tenant, f"m{i}") for i in range(3)])
+    record.enqueue_many([(f"plain{i}",) for i in range(5)])
+    with conn.transaction():
+        conn.execute(sql.LOCK_LIMITED_QUEUES, {"queues": ["default"]})
+        conn.execute(sql.LOCK_KEYS, {"queues": ["default"], "after_key": None, "max_keys": 50})
+        claimed = conn.execute(sql.CLAIM, _claim_params("t1")).fetchall()
+    assert len(claimed) == 4
+    with conn.transaction():
+        conn.execute(sql.LOCK_LIMITED_QUEUES, {"queues": ["default"]})
+        conn.execute(sql.LOCK_KEYS, {"queues": ["default"], "after_key": None, "max_keys": 50})
+        assert conn.execute(sql.CLAIM, _claim_params("t2")).fetchall() == []
