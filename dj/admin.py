@@ -49,7 +49,7 @@ FROM job_stats WHERE bucket > now() - interval '60 seconds'
 """
 
 _COLUMNS = ("id, queue, priority, task, args, kwargs, run_at, attempts, max_attempts, timeout, locked_at,"
-            " locked_by, failed_at, last_error, created_at, unique_key, batch_id, progress")
+            " locked_by, failed_at, last_error, created_at, unique_key, batch_id, progress, limit_key, key_limit")
 
 
 def status(conn: psycopg.Connection) -> dict[str, Any]:
