@@ -1,14 +1,14 @@
 """Per-key limits: jobs carry a limit key and its limit, and have a claim index of their own
 
-Revision ID: 0009_limit_keys
-Revises: 0008_maintenance
+Revision ID: 0010_limit_keys
+Revises: 0009_dependencies
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009_limit_keys"
-down_revision = "0008_maintenance"
+revision = "0010_limit_keys"
+down_revision = "0009_dependencies"
 branch_labels = None
 depends_on = None
 
