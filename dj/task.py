@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import config, connections, db, enqueueing, sql
+from .tracing import enqueuing
 from .batches import Batch, current_batch
 from .enqueueing import COPY_AT, MAX_ARGS_BYTES, Call, Plan, arguments_json, row_params, to_json
 from .errors import DJError
@@ -111,6 +112,7 @@ class Enqueuer(Generic[P, R]):
             connections.is_async(conn)  # a TypeError here, for anything it cannot be
         return Enqueuer(self.name, replace(self.options, **changes))
 
+    @enqueuing  # a `dj enqueue` span, with the extra dj[otel] (dj/tracing.py)
     def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> int:
         """Insert one job and return its id; if its unique key is held, the holder's id."""
         o = self.options
@@ -127,6 +129,7 @@ class Enqueuer(Generic[P, R]):
             batch.total += 1
         return job_id
 
+    @enqueuing
     async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> int:
         """enqueue(), from async code: on this event loop's pool, or in the transaction of an
         async `conn=` (a psycopg AsyncConnection, a SQLAlchemy AsyncSession or AsyncConnection)."""
@@ -152,10 +155,12 @@ class Enqueuer(Generic[P, R]):
             batch.total += 1
         return job_id
 
+    @enqueuing
     def enqueue_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]]) -> list[int]:
         """Enqueue one job per item, in one round trip. An item is an args tuple or a kwargs dict."""
         return self._enqueue(self._calls(calls))
 
+    @enqueuing
     async def enqueue_many_async(self, calls: Iterable[Sequence[Any] | dict[str, Any]]) -> list[int]:
         """enqueue_many(), from async code (see enqueue_async())."""
         return await self._enqueue_async(self._calls(calls))

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .. import tracing
 from ..context import JobContext, _set_current
 from ..errors import Permanent
 from ..task import lookup
@@ -64,6 +65,8 @@ class ThreadExecutor:
         # many outcomes wait to be recorded (set by the producer as it resizes its buffer).
         self.refill_at = max(1, self.concurrency // 2)
         self.flush_at = self.concurrency
+        if tracing.ENABLED:  # each attempt in a `dj perform` span
+            self._execute = tracing.performing(self._execute)
 
     def start(self) -> None:
         for i in range(self.concurrency):
@@ -134,9 +137,9 @@ class ThreadExecutor:
             task.fn(*job.args, **job.kwargs)
             return Outcome(job)
         except Permanent as exc:
-            return Outcome(job, _describe(exc), dead=True)
+            return Outcome(job, _describe(exc), dead=True, exc=exc)
         except BaseException as exc:  # noqa: BLE001 - a job must never take its thread down
-            return Outcome(job, _describe(exc), dead=job.attempts >= job.max_attempts)
+            return Outcome(job, _describe(exc), dead=job.attempts >= job.max_attempts, exc=exc)
         finally:
             _set_current(None, token)
 
@@ -238,6 +241,8 @@ class AsyncExecutor:
         self._closed = threading.Event()
         self._tick = 0.0
         self._warned: set[str] = set()
+        if tracing.ENABLED:  # each attempt in a `dj perform` span
+            self._execute = tracing.performing_async(self._execute)
 
     @property
     def busy(self) -> int:
@@ -365,9 +370,9 @@ class AsyncExecutor:
             await task.fn(*job.args, **job.kwargs)
             return Outcome(job)
         except Permanent as exc:
-            return Outcome(job, _describe(exc), dead=True)
+            return Outcome(job, _describe(exc), dead=True, exc=exc)
         except BaseException as exc:  # noqa: BLE001 - a job must never take its runner down
-            return Outcome(job, _describe(exc), dead=job.attempts >= job.max_attempts)
+            return Outcome(job, _describe(exc), dead=job.attempts >= job.max_attempts, exc=exc)
         finally:
             _set_current(None, token)
 

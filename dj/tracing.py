@@ -1,0 +1,178 @@
+"""OpenTelemetry spans for enqueues and attempts: the optional extra `dj[otel]` (opentelemetry-api).
+
+Whether dj traces is decided once, when this module is imported: ENABLED is whether the API can be
+imported. Without it, `enqueuing` hands back the method itself and every other hook sits behind one
+test of ENABLED, so a dj without the extra pays nothing per job and writes nothing more per row.
+With the API and no SDK configured, the API's no-op tracer makes the spans and no span context is
+valid, so nothing is written either.
+
+- `dj enqueue` (kind PRODUCER) spans each enqueue call: sync or async, one job or many, on dj's
+  connection or a caller's `conn=`. Its context, as the global propagator writes it (W3C
+  traceparent by default), goes into the new rows' `trace_context` column, as JSON; NULL where no
+  span context is valid.
+- `dj perform` (kind CONSUMER) spans each attempt: a child of the context read from the row, so a
+  job belongs to the trace that enqueued it, across processes, and every attempt of a retried job
+  hangs under the same enqueue. It is current while the job runs, so the job's own spans and the
+  jobs it enqueues nest under it. It ends when the worker records the attempt's outcome
+  (`finished`, from the producer's cycle), with the attempt's own end time: a thread's attempt
+  that timed out ends at its timeout, whatever its thread does later, since that is when dj
+  failed it.
+
+Attributes follow OpenTelemetry's messaging conventions: messaging.system "dj",
+messaging.destination.name (the queue), messaging.message.id (the job id), messaging.operation.*,
+messaging.batch.message_count for enqueue_many; dj's own under messaging.dj.* (task, attempt).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .errors import DJError
+
+if TYPE_CHECKING:
+    from .worker.jobs import Claimed, Outcome
+
+try:
+    from opentelemetry import context as otel_context
+    from opentelemetry import propagate, trace
+    from opentelemetry.trace import SpanKind, StatusCode
+except ImportError:  # the extra is not installed
+    ENABLED = False
+else:
+    ENABLED = True
+    # A ProxyTracer until the application installs a TracerProvider, after which it forwards to
+    # that provider's tracer: fetched once, it still follows an SDK configured after dj's import.
+    _tracer = trace.get_tracer("dj")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ENQUEUE_SPAN = "dj enqueue"
+PERFORM_SPAN = "dj perform"
+SYSTEM = "dj"
+
+
+def enqueuing(method: F) -> F:
+    """Span an Enqueuer method (enqueue, enqueue_many, or their async twins) with `dj enqueue`;
+    without OpenTelemetry, the method itself."""
+    if not ENABLED:
+        return method
+    many = method.__name__.startswith("enqueue_many")
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def traced_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with _tracer.start_as_current_span(ENQUEUE_SPAN, kind=SpanKind.PRODUCER,
+                                               attributes=_enqueue_attributes(self)) as span:
+                result = await method(self, *args, **kwargs)
+                _enqueued(span, result, many)
+                return result
+        return traced_async  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with _tracer.start_as_current_span(ENQUEUE_SPAN, kind=SpanKind.PRODUCER,
+                                           attributes=_enqueue_attributes(self)) as span:
+            result = method(self, *args, **kwargs)
+            _enqueued(span, result, many)
+            return result
+    return traced  # type: ignore[return-value]
+
+
+def _enqueue_attributes(enqueuer: Any) -> dict[str, Any]:
+    return {"messaging.system": SYSTEM, "messaging.operation.type": "send", "messaging.operation.name": "enqueue",
+            "messaging.destination.name": enqueuer.options.queue, "messaging.dj.task": enqueuer.name}
+
+
+def _enqueued(span: Any, result: Any, many: bool) -> None:
+    if not span.is_recording():
+        return
+    if many:
+        span.set_attribute("messaging.batch.message_count", len(result))
+    else:
+        span.set_attribute("messaging.message.id", str(result))
+
+
+def carrier() -> str | None:
+    """The current span context as the row's trace_context (JSON of the propagator's fields), or
+    None where there is no valid one to pass on. Called only when ENABLED."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return None
+    fields: dict[str, str] = {}
+    propagate.inject(fields)
+    return json.dumps(fields, separators=(",", ":")) if fields else None
+
+
+# --- the worker's side ------------------------------------------------------------------------------
+
+
+def _parent(job: Claimed) -> Any:
+    """The context the row carries (None, the current one, where it carries none or garbage)."""
+    if job.trace_context is None:
+        return None
+    try:
+        fields = json.loads(job.trace_context)
+    except ValueError:
+        return None
+    return propagate.extract(fields) if isinstance(fields, dict) else None
+
+
+def _start(job: Claimed) -> Any:
+    start = time.time_ns()
+    span = _tracer.start_span(PERFORM_SPAN, context=_parent(job), kind=SpanKind.CONSUMER, start_time=start,
+                              attributes={
+                                  "messaging.system": SYSTEM, "messaging.operation.type": "process",
+                                  "messaging.operation.name": "perform", "messaging.destination.name": job.queue,
+                                  "messaging.message.id": str(job.id), "messaging.dj.task": job.task,
+                                  "messaging.dj.attempt": job.attempts})
+    job.span = (span, start)
+    return otel_context.attach(trace.set_span_in_context(span))
+
+
+def performing(execute: Callable[[Claimed], Outcome]) -> Callable[[Claimed], Outcome]:
+    """A runner thread's execute, with the attempt's `dj perform` span current while it runs (the
+    span ends in `finished`)."""
+    @functools.wraps(execute)
+    def traced(job: Claimed) -> Outcome:
+        token = _start(job)
+        try:
+            return execute(job)
+        finally:
+            otel_context.detach(token)
+    return traced
+
+
+def performing_async(execute: Callable[[Claimed], Any]) -> Callable[[Claimed], Any]:
+    """The event loop's execute, as `performing` (the context is the runner task's own)."""
+    @functools.wraps(execute)
+    async def traced(job: Claimed) -> Outcome:
+        token = _start(job)
+        try:
+            return await execute(job)  # type: ignore[no-any-return]
+        finally:
+            otel_context.detach(token)
+    return traced
+
+
+def finished(outcomes: Iterable[Outcome]) -> None:
+    """End the spans of recorded attempts: status, the error (the exception itself where the job
+    raised one; a TimeoutError or DJError for what dj decided), and the attempt's end time."""
+    for o in outcomes:
+        job = o.job
+        if job.span is None:
+            continue
+        span, start = job.span
+        job.span = None
+        if o.error is not None:  # a success leaves the status unset, as the conventions ask of libraries
+            lines = o.error.strip().splitlines()
+            last = lines[-1] if lines else "error"
+            # The job's own exception; else dj failed the attempt itself (a timeout, an unknown task).
+            exc = o.exc if o.exc is not None else (
+                TimeoutError(last) if last.startswith("timed out after") else DJError(last))
+            span.record_exception(exc)
+            span.set_status(StatusCode.ERROR, last[:500])
+            span.set_attribute("messaging.dj.dead", o.dead)
+        span.end(end_time=start + int(o.seconds * 1e9))
