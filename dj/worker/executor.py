@@ -66,7 +66,7 @@ class ThreadExecutor:
         self.refill_at = max(1, self.concurrency // 2)
         self.flush_at = self.concurrency
         if tracing.ENABLED:  # each attempt in a `dj perform` span
-            self._execute = tracing.performing(self._execute)
+            self._execute = tracing.performing(self._execute)  # type: ignore[method-assign,assignment]
 
     def start(self) -> None:
         for i in range(self.concurrency):
@@ -242,7 +242,7 @@ class AsyncExecutor:
         self._tick = 0.0
         self._warned: set[str] = set()
         if tracing.ENABLED:  # each attempt in a `dj perform` span
-            self._execute = tracing.performing_async(self._execute)
+            self._execute = tracing.performing_async(self._execute)  # type: ignore[method-assign,assignment]
 
     @property
     def busy(self) -> int:
