@@ -235,3 +235,23 @@ print("ok")
                             cwd=ROOT, env={**os.environ, "DJ_DATABASE_URL": db_url, "DJ_TASKS": WORKER_TASKS})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_the_readme_example_joins_the_worker_to_the_requests_trace(db_url):
+    """examples/otel_app.py, run as its docstring and the README say: two processes, one trace."""
+    env = {**os.environ, "DJ_DATABASE_URL": db_url, "DJ_TASKS": "examples.otel_app"}
+    spans = {}
+    for command in (["-m", "examples.otel_app"], ["-m", "dj", "work", "--burst"]):
+        result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                                env=env)
+        assert result.returncode == 0, result.stderr
+        decoder, text, at = json.JSONDecoder(), result.stdout, 0
+        while (at := text.find("{", at)) != -1:  # ConsoleSpanExporter: one indented JSON object per span
+            span, at = decoder.raw_decode(text, at)
+            spans[span["name"]] = span
+    checkout, enqueue, perform, inner = (spans[n] for n in ("checkout", "dj enqueue", "dj perform", "render receipt"))
+    assert {s["context"]["trace_id"] for s in (enqueue, perform, inner)} == {checkout["context"]["trace_id"]}
+    assert enqueue["parent_id"] == checkout["context"]["span_id"]
+    assert perform["parent_id"] == enqueue["context"]["span_id"]
+    assert inner["parent_id"] == perform["context"]["span_id"]
+    assert perform["attributes"]["messaging.dj.task"] == "examples.send_receipt"
