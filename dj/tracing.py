@@ -3,8 +3,10 @@
 Whether dj traces is decided once, when this module is imported: ENABLED is whether the API can be
 imported. Without it, `enqueuing` hands back the method itself and every other hook sits behind one
 test of ENABLED, so a dj without the extra pays nothing per job and writes nothing more per row.
-With the API and no SDK configured, the API's no-op tracer makes the spans and no span context is
-valid, so nothing is written either.
+With the API and no tracer provider installed (no SDK configured), dj makes no spans (it looks for
+a provider at most once a second: `_active_tracer`). A row then carries a span
+context only where the caller's is valid (one propagated from upstream), so nothing is written
+either.
 
 - `dj enqueue` (kind PRODUCER) spans each enqueue call: sync or async, one job or many, on dj's
   connection or a caller's `conn=`. Its context, as the global propagator writes it (W3C
@@ -40,14 +42,34 @@ if TYPE_CHECKING:
 try:
     from opentelemetry import context as otel_context
     from opentelemetry import propagate, trace
-    from opentelemetry.trace import SpanKind, StatusCode
+    from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider, SpanKind, StatusCode
 except ImportError:  # the extra is not installed
     ENABLED = False
 else:
     ENABLED = True
-    # A ProxyTracer until the application installs a TracerProvider, after which it forwards to
-    # that provider's tracer: fetched once, it still follows an SDK configured after dj's import.
-    _tracer = trace.get_tracer("dj")
+
+# dj's tracer, from the provider the application installs (an SDK's), once it has installed one.
+_tracer: Any = None
+_look_again_at = 0.0
+LOOK_EVERY = 1.0
+
+
+def _active_tracer() -> Any:
+    """dj's tracer, or None while no tracer provider is installed. Then there are no spans to
+    record, and dj makes none: a no-op span costs a few microseconds, and the look at the global
+    provider (an environment variable, an isinstance of an ABC) about 1 us, so that look is taken
+    at most once a second. An application installs its provider at start, before it enqueues."""
+    global _tracer, _look_again_at
+    if _tracer is None:
+        now = time.monotonic()
+        if now < _look_again_at:
+            return None
+        _look_again_at = now + LOOK_EVERY
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider)):
+            return None
+        _tracer = provider.get_tracer("dj")  # a provider is installed once per process, for good
+    return _tracer
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,8 +87,11 @@ def enqueuing(method: F) -> F:
     if inspect.iscoroutinefunction(method):
         @functools.wraps(method)
         async def traced_async(self: Any, *args: Any, **kwargs: Any) -> Any:
-            with _tracer.start_as_current_span(ENQUEUE_SPAN, kind=SpanKind.PRODUCER,
-                                               attributes=_enqueue_attributes(self)) as span:
+            tracer = _tracer or _active_tracer()
+            if tracer is None:
+                return await method(self, *args, **kwargs)
+            with tracer.start_as_current_span(ENQUEUE_SPAN, kind=SpanKind.PRODUCER,
+                                              attributes=_enqueue_attributes(self)) as span:
                 result = await method(self, *args, **kwargs)
                 _enqueued(span, result, many)
                 return result
@@ -74,8 +99,11 @@ def enqueuing(method: F) -> F:
 
     @functools.wraps(method)
     def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with _tracer.start_as_current_span(ENQUEUE_SPAN, kind=SpanKind.PRODUCER,
-                                           attributes=_enqueue_attributes(self)) as span:
+        tracer = _tracer or _active_tracer()
+        if tracer is None:
+            return method(self, *args, **kwargs)
+        with tracer.start_as_current_span(ENQUEUE_SPAN, kind=SpanKind.PRODUCER,
+                                          attributes=_enqueue_attributes(self)) as span:
             result = method(self, *args, **kwargs)
             _enqueued(span, result, many)
             return result
@@ -120,9 +148,9 @@ def _parent(job: Claimed) -> Any:
     return propagate.extract(fields) if isinstance(fields, dict) else None
 
 
-def _start(job: Claimed) -> Any:
+def _start(tracer: Any, job: Claimed) -> Any:
     start = time.time_ns()
-    span = _tracer.start_span(PERFORM_SPAN, context=_parent(job), kind=SpanKind.CONSUMER, start_time=start,
+    span = tracer.start_span(PERFORM_SPAN, context=_parent(job), kind=SpanKind.CONSUMER, start_time=start,
                               attributes={
                                   "messaging.system": SYSTEM, "messaging.operation.type": "process",
                                   "messaging.operation.name": "perform", "messaging.destination.name": job.queue,
@@ -137,7 +165,10 @@ def performing(execute: Callable[[Claimed], Outcome]) -> Callable[[Claimed], Out
     span ends in `finished`)."""
     @functools.wraps(execute)
     def traced(job: Claimed) -> Outcome:
-        token = _start(job)
+        tracer = _tracer or _active_tracer()
+        if tracer is None:
+            return execute(job)
+        token = _start(tracer, job)
         try:
             return execute(job)
         finally:
@@ -149,7 +180,10 @@ def performing_async(execute: Callable[[Claimed], Any]) -> Callable[[Claimed], A
     """The event loop's execute, as `performing` (the context is the runner task's own)."""
     @functools.wraps(execute)
     async def traced(job: Claimed) -> Outcome:
-        token = _start(job)
+        tracer = _tracer or _active_tracer()
+        if tracer is None:
+            return await execute(job)  # type: ignore[no-any-return]
+        token = _start(tracer, job)
         try:
             return await execute(job)  # type: ignore[no-any-return]
         finally:
