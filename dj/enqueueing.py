@@ -145,7 +145,8 @@ class Plan:
             return [found[0][0] if found else None]
         params = {"queue": o.queue, "priority": o.priority, "task": self.name, "run_at": o.run_at,
                   "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
-                  "trace_context": self.trace_context, "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows]}
+                  "trace_context": self.trace_context,
+                  "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows]}
         returned_rows = yield Execute(sql.ENQUEUE, params)
         # Identity values are drawn in input order, so the inserted rows, sorted by id, line up
         # with the input rows that were not skipped.
@@ -164,11 +165,13 @@ class Plan:
         """Bulk path: draw the ids first, then COPY the rows in, then one NOTIFY.
 
         COPY cannot return ids, so they come from the table's sequence beforehand. Columns left at
-        their defaults (run_at = now(), no timeout, no batch, no trace context) are left out of the COPY."""
+        their defaults (run_at = now(), no timeout, no batch, no trace context) are left out of the
+        COPY."""
         o = self.options
         ids: list[int | None] = [r[0] for r in (yield Execute(sql.DRAW_JOB_IDS, (len(rows),))) or ()]
         fixed = {"queue": o.queue, "priority": o.priority, "task": self.name, "max_attempts": o.max_attempts,
-                 "run_at": o.run_at, "timeout": o.timeout, "batch_id": batch_id, "trace_context": self.trace_context}
+                 "run_at": o.run_at, "timeout": o.timeout, "batch_id": batch_id,
+                 "trace_context": self.trace_context}
         fixed = {k: v for k, v in fixed.items() if v is not None}
         tail = tuple(fixed.values())
         yield Copy(f"COPY jobs ({', '.join(['id', 'args', 'kwargs', *fixed])}) FROM STDIN",

@@ -15,10 +15,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import config, connections, db, enqueueing, sql
-from .tracing import enqueuing
 from .batches import Batch, current_batch
 from .enqueueing import COPY_AT, MAX_ARGS_BYTES, Call, Plan, arguments_json, row_params, to_json
 from .errors import DJError
+from .tracing import enqueuing
 
 if TYPE_CHECKING:
     from typing_extensions import TypedDict, Unpack

@@ -48,6 +48,13 @@ except ImportError:  # the extra is not installed
 else:
     ENABLED = True
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+ENQUEUE_SPAN = "dj enqueue"
+PERFORM_SPAN = "dj perform"
+SYSTEM = "dj"
+
+
 # dj's tracer, from the provider the application installs (an SDK's), once it has installed one.
 _tracer: Any = None
 _look_again_at = 0.0
@@ -70,12 +77,6 @@ def _active_tracer() -> Any:
             return None
         _tracer = provider.get_tracer("dj")  # a provider is installed once per process, for good
     return _tracer
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-ENQUEUE_SPAN = "dj enqueue"
-PERFORM_SPAN = "dj perform"
-SYSTEM = "dj"
 
 
 def enqueuing(method: F) -> F:
