@@ -45,11 +45,11 @@ def perform(cli, tmp_path):
     """Drain queues with a real worker process that exports its spans; returns them (as dicts, by
     the SDK's to_json), the `dj perform` ones keyed by job id, each a list of its attempts."""
 
-    def run(*queues: str) -> tuple[dict[str, list[dict]], list[dict]]:
+    def run(*queues: str, processes: int = 1) -> tuple[dict[str, list[dict]], list[dict]]:
         out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"  # this run's spans only
         out.mkdir()
         result = cli("work", "--burst", "--queues", ",".join(queues or ("default",)), "--concurrency", "4",
-                     env={"DJ_TASKS": WORKER_TASKS, "DJ_TEST_SPANS": str(out)})
+                     "--processes", str(processes), env={"DJ_TASKS": WORKER_TASKS, "DJ_TEST_SPANS": str(out)})
         assert result.returncode == 0, result.stderr
         spans = [json.loads(line) for f in out.glob("*.jsonl") for line in f.read_text().splitlines()]
         performed: dict[str, list[dict]] = {}
@@ -110,7 +110,7 @@ def test_a_jobs_perform_span_is_a_child_of_its_enqueue_across_processes(otel, pe
     assert producers[3].attributes["messaging.destination.name"] == "otel-bulk"
     assert producers[5].attributes["messaging.dj.task"] == "otel.async_ok"
 
-    performed, spans = perform("default", "otel-bulk")
+    performed, spans = perform("default", "otel-bulk", processes=2)  # supervised children, as in production
     for span, ids in zip(producers, calls):
         for job_id in ids:
             [attempt] = performed.pop(str(job_id))
