@@ -61,7 +61,7 @@ _look_again_at = 0.0
 LOOK_EVERY = 1.0
 
 
-def _active_tracer() -> Any:
+def _active_tracer(look: bool = False) -> Any:
     """dj's tracer, or None while no tracer provider is installed. Then there are no spans to
     record, and dj makes none: a no-op span costs a few microseconds, and the look at the global
     provider (an environment variable, an isinstance of an ABC) about 1 us, so that look is taken
@@ -69,7 +69,7 @@ def _active_tracer() -> Any:
     global _tracer, _look_again_at
     if _tracer is None:
         now = time.monotonic()
-        if now < _look_again_at:
+        if now < _look_again_at and not look:
             return None
         _look_again_at = now + LOOK_EVERY
         provider = trace.get_tracer_provider()
@@ -163,12 +163,15 @@ def _start(tracer: Any, job: Claimed) -> Any:
 
 def performing(execute: Callable[[Claimed], Outcome]) -> Callable[[Claimed], Outcome]:
     """A runner thread's execute, with the attempt's `dj perform` span current while it runs (the
-    span ends in `finished`)."""
+    span ends in `finished`); `execute` itself where no tracer provider is installed. Decided when
+    the executor starts, after the worker imported the task modules (where an application installs
+    its provider, as in examples/otel_app.py), so a worker without one pays nothing per job."""
+    tracer = _active_tracer(look=True)
+    if tracer is None:
+        return execute
+
     @functools.wraps(execute)
     def traced(job: Claimed) -> Outcome:
-        tracer = _tracer or _active_tracer()
-        if tracer is None:
-            return execute(job)
         token = _start(tracer, job)
         try:
             return execute(job)
@@ -179,11 +182,12 @@ def performing(execute: Callable[[Claimed], Outcome]) -> Callable[[Claimed], Out
 
 def performing_async(execute: Callable[[Claimed], Any]) -> Callable[[Claimed], Any]:
     """The event loop's execute, as `performing` (the context is the runner task's own)."""
+    tracer = _active_tracer(look=True)
+    if tracer is None:
+        return execute
+
     @functools.wraps(execute)
     async def traced(job: Claimed) -> Outcome:
-        tracer = _tracer or _active_tracer()
-        if tracer is None:
-            return await execute(job)  # type: ignore[no-any-return]
         token = _start(tracer, job)
         try:
             return await execute(job)  # type: ignore[no-any-return]

@@ -65,10 +65,10 @@ class ThreadExecutor:
         # many outcomes wait to be recorded (set by the producer as it resizes its buffer).
         self.refill_at = max(1, self.concurrency // 2)
         self.flush_at = self.concurrency
-        if tracing.ENABLED:  # each attempt in a `dj perform` span
-            self._execute = tracing.performing(self._execute)  # type: ignore[method-assign,assignment]
 
     def start(self) -> None:
+        if tracing.ENABLED:  # each attempt in a `dj perform` span, if a tracer provider is installed
+            self._execute = tracing.performing(self._execute)  # type: ignore[method-assign,assignment]
         for i in range(self.concurrency):
             self._spawn(self._run_jobs, f"dj-runner-{i}")
 
@@ -241,8 +241,6 @@ class AsyncExecutor:
         self._closed = threading.Event()
         self._tick = 0.0
         self._warned: set[str] = set()
-        if tracing.ENABLED:  # each attempt in a `dj perform` span
-            self._execute = tracing.performing_async(self._execute)  # type: ignore[method-assign,assignment]
 
     @property
     def busy(self) -> int:
@@ -250,6 +248,8 @@ class AsyncExecutor:
         return self.submitted - self.finished - self.returned
 
     def start(self) -> None:
+        if tracing.ENABLED:  # each attempt in a `dj perform` span, if a tracer provider is installed
+            self._execute = tracing.performing_async(self._execute)  # type: ignore[method-assign,assignment]
         started = threading.Event()
 
         def run_loop() -> None:
