@@ -89,8 +89,9 @@ def test_a_jobs_perform_span_is_a_child_of_its_enqueue_across_processes(otel, pe
         coro = asyncio.run(tasks.async_ok.enqueue_async("a"))
         coro_many = asyncio.run(tasks.async_ok.enqueue_many_async([("a1",), ("a2",)]))
         chained = tasks.chain.enqueue("chain")
+        waiting = tasks.ok.using(after=[single]).enqueue("after")  # ENQUEUE_AFTER (dj/dependencies.py)
 
-    calls = [[single], [unique], small, copied, [in_tx], [coro], coro_many, [chained]]
+    calls = [[single], [unique], small, copied, [in_tx], [coro], coro_many, [chained], [waiting]]
     producers = enqueue_spans(otel)
     assert len(producers) == len(calls)
     # Each row carries its enqueue's span context: a W3C traceparent in the request's trace.

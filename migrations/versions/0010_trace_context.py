@@ -1,15 +1,15 @@
 """The OpenTelemetry span context of a job's enqueue (dj/tracing.py)
 
-Revision ID: 0009_trace_context
-Revises: 0008_maintenance
+Revision ID: 0010_trace_context
+Revises: 0009_dependencies
 """
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql as pg
 
-revision = "0009_trace_context"
-down_revision = "0008_maintenance"
+revision = "0010_trace_context"
+down_revision = "0009_dependencies"
 branch_labels = None
 depends_on = None
 
