@@ -124,10 +124,13 @@ class ClaimCursors:
         """The positions the next claim would start from, as CLAIM's (and POLL's) parameters,
         without consuming the moves back waiting for it (the notifier's positioned poll)."""
         with self._lock:
-            at = []
+            at: list[Position | None] = []
             for q in self.queues:
-                cur, pos = self._at.get(q, HEAD), self._back.get(q, ())
-                at.append(HEAD if cur is HEAD or pos is HEAD else min(cur, pos) if pos != () else cur)
+                cur = self._at.get(q, HEAD)
+                if q in self._back:
+                    pos = self._back[q]
+                    cur = HEAD if cur is HEAD or pos is HEAD else min(cur, pos)
+                at.append(cur)
         return {
             "after_priority": [self.min_priority if p is HEAD else p[0] for p in at],
             "after_micros": [None if p is HEAD else p[1] for p in at],
