@@ -11,8 +11,8 @@ Claim order stays as it is: a job can sit before a worker's position only if it 
 after the worker passed that point, and then the worker goes back:
 - an enqueue's NOTIFY says where its first job sits (sql._WAKE_AT); the worker moves back to just
   before it if that is before its position, else stays;
-- any other NOTIFY on the queue (a reclaimed or retried job, a batch callback, a COPY enqueue, a
-  resumed queue) and a poll that ran out send it to the head;
+- any other NOTIFY on the queue (a reclaimed or retried job, a batch callback, a resumed queue)
+  sends it to the head;
 - a failure this worker recorded sends it to the head if the retry has a lower priority number
   than its position (a retry waits at least 5 s, so with the same priority it lands after it);
 - and at least every PROBE_EVERY seconds a probe reads each queue from its head, for what no NOTIFY

@@ -81,6 +81,17 @@ SELECT unique_key, id FROM jobs WHERE unique_key = ANY(%s::text[]) AND failed_at
 # rolled-back enqueue wakes nobody. One per enqueue call, not per row.
 NOTIFY = "SELECT pg_notify('" + NOTIFY_CHANNEL + "', %s)"
 
+# A COPY enqueue's NOTIFY: where its first job sits (all its rows share queue, priority and run_at,
+# and their ids increase), read back from the row itself so that it is exact, as an INSERT's
+# RETURNING is. With the queue alone every worker would read from the head of the claim index,
+# which under an old snapshot means every dead entry since (see CLAIM). The queue alone if the row
+# is not there to read.
+NOTIFY_COPY = """
+SELECT pg_notify('""" + NOTIFY_CHANNEL + """', coalesce((
+    SELECT """ + _WAKE_AT.format(queue="queue", priority="priority", run_at="run_at", id="id") + """
+    FROM jobs WHERE id = %(id)s), %(queue)s))
+"""
+
 # --- claim ---------------------------------------------------------------------------------------
 
 # Claimers of a queue with a concurrency limit take this lock first, in its own statement, so the
