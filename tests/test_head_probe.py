@@ -187,3 +187,44 @@ def test_a_job_that_no_notify_announced_before_the_position_is_found_by_the_prob
         worker.stop()
         thread.join(30)
     assert not thread.is_alive()
+
+
+def test_a_poll_reads_from_the_positions_once_reads_from_the_head_are_slow(conn, db_url):
+    """Behind a transaction pooler without DJ_LISTEN_URL the notifier polls sql.POLL: from the head
+    while that is cheap, from the claim positions once the probe found it slow (an old snapshot)."""
+    from dj.worker.connection import Connector
+    from dj.worker.notifier import Notifier
+
+    first = record.using(queue="polled", priority=5).enqueue("first")
+    pos = conn.execute("SELECT priority, (extract(epoch FROM run_at) * 1000000)::int8, id FROM jobs"
+                       " WHERE id = %s", (first,)).fetchone()
+    c = ClaimCursors(["polled"])
+    c.params()
+    c.claimed({"polled": pos}, head=True, seconds=0.001)  # as if the worker had claimed it
+    c.probed({}, 1.0)  # a probe that took the server a second: reads from the head are slow
+    stopping, woken = threading.Event(), threading.Event()
+    notifier = Notifier(Connector(db_url, 300.0), ["polled"], stopping, on_jobs=woken.set,
+                        on_settings=lambda payload: None, cursors=c,
+                        poll_params={"min_priority": -32768, "max_priority": 32767})
+    notifier.listen_url, notifier.poll_interval = None, 0.05
+    thread = threading.Thread(target=notifier.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(woken.is_set, message="the notifier's first wake-up (it wakes the worker as it connects)")
+        # It also sent the worker to the head (a NOTIFY may have been missed while it was away):
+        # the worker's claim from the head, which finds the job it holds.
+        c.params()
+        c.claimed({"polled": pos}, head=True, seconds=0.001)
+        # A job before the position (a lower priority number): a poll from the position does not
+        # see it; it is the probe's to find.
+        woken.clear()
+        record.using(queue="polled", priority=0).enqueue("before")
+        assert not woken.wait(1.0)
+        assert c.positions()["after_id"] == [pos[2]]
+        # A job after the position: the next poll finds it and moves nothing back.
+        record.using(queue="polled", priority=5).enqueue("after")
+        assert woken.wait(10)
+        assert c.positions()["after_id"] == [pos[2]]
+    finally:
+        stopping.set()
+        thread.join(10)
