@@ -29,7 +29,8 @@ most a few percent of a server process. Should the probes stop (the maintenance 
 down), the claims read from the head themselves again, on the old schedule: every RESCAN_EVERY
 seconds, stretched likewise by the head claim's time.
 
-Thread-safe: the listener thread calls `woken`, the main loop the rest.
+Thread-safe: the listener thread calls `woken` (and, when it polls, `probed`), the maintenance
+thread `probe_due` and `probed`, the main loop the rest.
 """
 
 from __future__ import annotations
