@@ -82,8 +82,9 @@ class Maintenance:
     def reap(self, conn: psycopg.Connection) -> None:
         params = {"lock_timeout": self.worker.lock_timeout}
         reaped = conn.execute(sql.REAP_ORPHANS, params).fetchall()
-        if reaped:
-            log.warning("reclaimed %d job(s) from workers that stopped heartbeating", len(reaped))
+        if reaped:  # rows without an id: queues of batch callbacks that dead dependents enqueued
+            log.warning("reclaimed %d job(s) from workers that stopped heartbeating",
+                        sum(1 for job_id, _ in reaped if job_id is not None))
             for queue in sorted({q for _, q in reaped}):
                 conn.execute(sql.NOTIFY, (queue,))
         conn.execute(sql.FORGET_STALE_WORKERS, params)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from .. import sql
+from .. import dependencies, sql
 from .. import task as task_mod
 from ..cursors import ClaimCursors
 from .connection import reconnect_delay
@@ -100,14 +100,18 @@ class Producer:
                 claimed = self.cycle()
                 self.maybe_summarise()
                 failures = 0
+                if burst and not claimed and not self._held and not self._results and not self.more_ready:
+                    # Nothing to run now. A job waiting in our queues for a job that is ready or
+                    # running (any queue, any worker) can still be released: then wait for the
+                    # NOTIFY of its release (or the poll interval), as an idle worker does.
+                    if not dependencies.releasable(self.conn, self.queues):
+                        return
             except psycopg.OperationalError as exc:
                 self.connector.lost(exc, epoch)
                 stopping.wait(reconnect_delay(failures))
                 failures += 1
                 epoch = self.reconnect()
                 continue
-            if burst and not claimed and not self._held and not self._results and not self.more_ready:
-                return
             if claimed and self.more_ready and self.room() >= self.capacity // 2:
                 continue
             wake.wait(self.next_wait())
