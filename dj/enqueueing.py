@@ -183,7 +183,7 @@ class Plan:
         tail = tuple(fixed.values())
         yield Copy(f"COPY jobs ({', '.join(['id', 'args', 'kwargs', *fixed])}) FROM STDIN",
                    ((job_id, args, kwargs, *tail) for job_id, (args, kwargs, _) in zip(ids, rows)))
-        yield Execute(sql.NOTIFY, (o.queue,))
+        yield Execute(sql.NOTIFY_COPY, {"id": ids[0] if ids else None, "queue": o.queue})
         return ids
 
 

@@ -150,6 +150,17 @@ SELECT unique_key, id FROM jobs WHERE unique_key = ANY(%s::text[]) AND failed_at
 # rolled-back enqueue wakes nobody. One per enqueue call, not per row.
 NOTIFY = "SELECT pg_notify('" + NOTIFY_CHANNEL + "', %s)"
 
+# A COPY enqueue's NOTIFY: where its first job sits (all its rows share queue, priority and run_at,
+# and their ids increase), read back from the row itself so that it is exact, as an INSERT's
+# RETURNING is. With the queue alone every worker would read from the head of the claim index,
+# which under an old snapshot means every dead entry since (see CLAIM). The queue alone if the row
+# is not there to read.
+NOTIFY_COPY = """
+SELECT pg_notify('""" + NOTIFY_CHANNEL + """', coalesce((
+    SELECT """ + _WAKE_AT.format(queue="queue", priority="priority", run_at="run_at", id="id") + """
+    FROM jobs WHERE id = %(id)s), %(queue)s))
+"""
+
 # --- claim ---------------------------------------------------------------------------------------
 
 # Claimers of a queue with a concurrency limit take this lock first, in its own statement, so the
@@ -226,21 +237,26 @@ RETURNING jobs.id, jobs.task, jobs.args::text, jobs.kwargs::text, jobs.attempts,
           jobs.trace_context::text
 """
 
-# Behind a transaction pooler without DJ_LISTEN_URL no NOTIFY reaches a worker, so it asks with
-# this instead, every poll interval (0.1 s by default): which of its queues are paused (what the
-# settings NOTIFY would have said), and, for each that is open (not paused, with room under its
-# concurrency limit, counted as in CLAIM's open_queues), where its first ready job sits, which is
-# what an enqueue's NOTIFY would have said (see _WAKE_AT and dj.cursors). Every worker runs it that
-# often, so it must cost next to nothing: per queue, one read of jobs_claim_idx that stops at its
-# first ready entry, with no lock and no write. The ORDER BY is the index's own and keeps it an
-# index read: a plain EXISTS was planned as a scan of the table, all of it for an empty queue.
-# It reads from the index's head, so an old snapshot makes it slower (see CLAIM); the notifier
-# then stretches its interval (dj.worker.notifier), by the server's time the last column reports
-# (the round trip's time on a loaded machine is mostly waiting for a CPU).
+# Where each open queue's first ready job sits, in claim order, after a given position (as in
+# CLAIM; the head is (min_priority, -infinity, 0)); and which of the queues are paused. Open means
+# not paused and with room under its concurrency limit, counted as in CLAIM's open_queues. No lock,
+# no write: per queue, one read of jobs_claim_idx that stops at its first ready entry. The ORDER BY
+# is the index's own and keeps it an index read: a plain EXISTS was planned as a scan of the table,
+# all of it for an empty queue. The last column is the server's time, by which callers space their
+# next run (on a loaded machine a round trip's time is mostly waiting for a CPU).
+#
+# Two callers:
+# - the notifier, behind a transaction pooler without DJ_LISTEN_URL, where no NOTIFY reaches a
+#   worker: every poll interval (0.1 s by default), from the worker's claim positions, so that it
+#   stays cheap under an old snapshot. It tells the worker what an enqueue's NOTIFY would have
+#   said (see _WAKE_AT and dj.cursors), and which queues were paused (the settings NOTIFY);
+# - the maintenance thread, from the head, at least every second (the probe of dj.cursors): what
+#   no NOTIFY announces, and a job put before the position where no NOTIFY reaches.
 POLL = """
 SELECT q.name, s.paused IS TRUE, j.priority, (extract(epoch FROM j.run_at) * 1000000)::int8, j.id,
        extract(epoch FROM clock_timestamp() - statement_timestamp())
-FROM unnest(%(queues)s::text[]) AS q(name)
+FROM unnest(%(queues)s::text[], %(after_priority)s::int2[], %(after_micros)s::int8[], %(after_id)s::int8[])
+     AS q(name, after_priority, after_micros, after_id)
 LEFT JOIN queue_settings s ON s.queue = q.name
 LEFT JOIN LATERAL (
     SELECT priority, run_at, id
@@ -248,6 +264,10 @@ LEFT JOIN LATERAL (
     WHERE queue = q.name
       AND locked_by IS NULL AND failed_at IS NULL
       AND priority BETWEEN %(min_priority)s AND %(max_priority)s
+      AND (priority, run_at, id) > (q.after_priority,
+                                    CASE WHEN q.after_micros IS NULL THEN timestamptz '-infinity'
+                                         ELSE timestamptz 'epoch' + q.after_micros * interval '1 microsecond' END,
+                                    coalesce(q.after_id, 0))
       AND run_at <= now()
     ORDER BY priority, run_at, id
     LIMIT 1
@@ -589,7 +609,9 @@ ENSURE_VACUUM_ROW = "INSERT INTO maintenance (name) VALUES ('vacuum jobs') ON CO
 # Plain VACUUM: it takes no lock that stops claims or completions. It cannot run in a transaction
 # block, so it goes alone on an autocommit connection (which a transaction pooler also passes).
 # SKIP_LOCKED: if autovacuum (or someone) is vacuuming jobs already, return at once instead of
-# waiting behind it with the lease held.
+# waiting behind it with the lease held. It truncates the heap's empty tail, under a brief ACCESS
+# EXCLUSIVE lock, and the next enqueue extends it again: TRUNCATE false was tried and left the table
+# at twice the peak size in a 1M-job soak (121 MB against 64), for no faster rounds.
 VACUUM_JOBS = "VACUUM (SKIP_LOCKED) jobs"
 
 # Hand the chore back. dead_after: what pg_stat counts as dead now, which right after a vacuum is

@@ -116,8 +116,9 @@ class Producer:
                 continue
             wake.wait(self.next_wait())
             if not wake.is_set() and not self._results:
-                self.more_ready = True  # the poll interval ran out: look again even without NOTIFY
-                self.cursors.rescan()  # from the head: a NOTIFY may have been missed
+                # The poll interval ran out: look again even without NOTIFY, from the position. A
+                # job a missed NOTIFY put before it is the probe's to find (dj/cursors.py).
+                self.more_ready = True
             wake.clear()
 
     def next_wait(self) -> float:
