@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
 
-from . import sql
+from . import sql, tracing
 from .batches import Batch, current_batch
 from .dependencies import UnknownDependency
 
@@ -77,7 +77,7 @@ def row_params(name: str, options: Options, args_json: str, kwargs_json: str, ke
     o = options
     return {"queue": o.queue, "priority": o.priority, "task": name, "args": args_json, "kwargs": kwargs_json,
             "run_at": o.run_at, "max_attempts": o.max_attempts, "timeout": o.timeout, "unique_key": key,
-            "batch_id": batch_id}
+            "batch_id": batch_id, "trace_context": tracing.carrier() if tracing.ENABLED else None}
 
 
 class Execute(NamedTuple):
@@ -110,6 +110,7 @@ class Plan:
         # COPY draws ids, copies and notifies in three statements, which must be one transaction.
         self.copy = (len(self.rows) >= COPY_AT and not options.after
                      and all(key is None for _, _, key in self.rows))
+        self.trace_context = tracing.carrier() if tracing.ENABLED else None
 
     def steps(self) -> Steps:
         rows, batch = self.rows, self.batch
@@ -148,6 +149,7 @@ class Plan:
             return [found[0][0] if found else None]
         params = {"queue": o.queue, "priority": o.priority, "task": self.name, "run_at": o.run_at,
                   "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
+                  "trace_context": self.trace_context,
                   "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows]}
         returned_rows = yield Execute(sql.ENQUEUE, params)
         return _line_up(rows, [(job_id, key) for job_id, key, _ in returned_rows or ()])
@@ -158,7 +160,7 @@ class Plan:
         assert o.after is not None
         params = {"queue": o.queue, "priority": o.priority, "task": self.name,
                   "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
-                  "after_jobs": list(o.after[0]), "after_batches": list(o.after[1]),
+                  "trace_context": self.trace_context, "after_jobs": list(o.after[0]), "after_batches": list(o.after[1]),
                   "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows]}
         returned_rows = yield Execute(sql.ENQUEUE_AFTER, params)
         for job_id, _, _, unknown in returned_rows or ():
@@ -170,11 +172,13 @@ class Plan:
         """Bulk path: draw the ids first, then COPY the rows in, then one NOTIFY.
 
         COPY cannot return ids, so they come from the table's sequence beforehand. Columns left at
-        their defaults (run_at = now(), no timeout, no batch) are left out of the COPY."""
+        their defaults (run_at = now(), no timeout, no batch, no trace context) are left out of the
+        COPY."""
         o = self.options
         ids: list[int | None] = [r[0] for r in (yield Execute(sql.DRAW_JOB_IDS, (len(rows),))) or ()]
         fixed = {"queue": o.queue, "priority": o.priority, "task": self.name, "max_attempts": o.max_attempts,
-                 "run_at": o.run_at, "timeout": o.timeout, "batch_id": batch_id}
+                 "run_at": o.run_at, "timeout": o.timeout, "batch_id": batch_id,
+                 "trace_context": self.trace_context}
         fixed = {k: v for k, v in fixed.items() if v is not None}
         tail = tuple(fixed.values())
         yield Copy(f"COPY jobs ({', '.join(['id', 'args', 'kwargs', *fixed])}) FROM STDIN",

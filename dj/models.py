@@ -46,6 +46,9 @@ class Job(Base):
     unique_key: Mapped[str | None] = mapped_column(Text)
     batch_id: Mapped[int | None] = mapped_column(BigInteger)
     progress: Mapped[dict | None] = mapped_column(JSONB)
+    # The OpenTelemetry span context of its enqueue, as the propagator writes it (W3C traceparent by
+    # default), so its attempts join that trace (dj/tracing.py); NULL when enqueued outside a span.
+    trace_context: Mapped[dict | None] = mapped_column(JSONB)
     # True once a job enqueued with after=[this id] waits for it (dj/dependencies.py); NULL otherwise.
     has_dependents: Mapped[bool | None] = mapped_column(Boolean)
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from .. import dependencies, sql
+from .. import dependencies, sql, tracing
 from .. import task as task_mod
 from ..cursors import ClaimCursors
 from .connection import reconnect_delay
@@ -209,6 +209,8 @@ class Producer:
             results.extendleft(reversed(outcomes))  # record them after reconnecting
             raise
         self.count(outcomes)
+        if tracing.ENABLED:
+            tracing.finished(outcomes)
         for o in bad:
             if not o.dead:  # its retry waits in its queue; is that before where we read?
                 self.cursors.failed(o.job.queue, o.job.priority)
@@ -232,13 +234,13 @@ class Producer:
         async_tasks = self._async_tasks
         if not async_tasks:
             for r in rows:
-                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
+                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], trace_context=r[10])
                 held[job.id] = job
                 jobs.append(job)
                 last[job.queue] = (job.priority, job.run_at, job.id)
         else:
             for r in rows:
-                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
+                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], trace_context=r[10])
                 held[job.id] = job
                 (coroutines if job.task in async_tasks else jobs).append(job)
                 last[job.queue] = (job.priority, job.run_at, job.id)
