@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
 
-from . import sql
+from . import sql, tracing
 from .batches import Batch, current_batch
 from .dependencies import UnknownDependency
 
@@ -84,7 +84,8 @@ def row_params(name: str, options: Options, args_json: str, kwargs_json: str, ke
     o = options
     return {"queue": o.queue, "priority": o.priority, "task": name, "args": args_json, "kwargs": kwargs_json,
             "run_at": o.run_at, "max_attempts": o.max_attempts, "timeout": o.timeout, "unique_key": key,
-            "batch_id": batch_id, "limit_key": limit_key, "key_limit": o.limit if limit_key is not None else None}
+            "batch_id": batch_id, "limit_key": limit_key, "key_limit": o.limit if limit_key is not None else None,
+            "trace_context": tracing.carrier() if tracing.ENABLED else None}
 
 
 class Execute(NamedTuple):
@@ -120,6 +121,7 @@ class Plan:
         # COPY draws ids, copies and notifies in three statements, which must be one transaction.
         self.copy = (len(self.rows) >= COPY_AT and not options.after
                      and all(key is None for _, _, key, _ in self.rows))
+        self.trace_context = tracing.carrier() if tracing.ENABLED else None
 
     def steps(self) -> Steps:
         rows, batch = self.rows, self.batch
@@ -160,6 +162,7 @@ class Plan:
             return [found[0][0] if found else None]
         params = {"queue": o.queue, "priority": o.priority, "task": self.name, "run_at": o.run_at,
                   "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
+                  "trace_context": self.trace_context,
                   "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows],
                   "limit_keys": [r[3] for r in rows], "key_limit": o.limit if o.limit_by is not None else None}
         returned_rows = yield Execute(sql.ENQUEUE, params)
@@ -171,7 +174,7 @@ class Plan:
         assert o.after is not None
         params = {"queue": o.queue, "priority": o.priority, "task": self.name,
                   "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
-                  "after_jobs": list(o.after[0]), "after_batches": list(o.after[1]),
+                  "trace_context": self.trace_context, "after_jobs": list(o.after[0]), "after_batches": list(o.after[1]),
                   "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows]}
         returned_rows = yield Execute(sql.ENQUEUE_AFTER, params)
         for job_id, _, _, unknown in returned_rows or ():
@@ -183,12 +186,13 @@ class Plan:
         """Bulk path: draw the ids first, then COPY the rows in, then one NOTIFY.
 
         COPY cannot return ids, so they come from the table's sequence beforehand. Columns left at
-        their defaults (run_at = now(), no timeout, no batch) are left out of the COPY."""
+        their defaults (run_at = now(), no timeout, no batch, no trace context) are left out of the
+        COPY."""
         o = self.options
         ids: list[int | None] = [r[0] for r in (yield Execute(sql.DRAW_JOB_IDS, (len(rows),))) or ()]
         fixed = {"queue": o.queue, "priority": o.priority, "task": self.name, "max_attempts": o.max_attempts,
                  "run_at": o.run_at, "timeout": o.timeout, "batch_id": batch_id,
-                 "key_limit": o.limit if o.limit_by is not None else None}
+                 "trace_context": self.trace_context, "key_limit": o.limit if o.limit_by is not None else None}
         fixed = {k: v for k, v in fixed.items() if v is not None}
         tail = tuple(fixed.values())
         if o.limit_by is None:
@@ -198,7 +202,7 @@ class Plan:
             yield Copy(f"COPY jobs ({', '.join(['id', 'args', 'kwargs', 'limit_key', *fixed])}) FROM STDIN",
                        ((job_id, args, kwargs, limit_key, *tail)
                         for job_id, (args, kwargs, _, limit_key) in zip(ids, rows)))
-        yield Execute(sql.NOTIFY, (o.queue,))
+        yield Execute(sql.NOTIFY_COPY, {"id": ids[0] if ids else None, "queue": o.queue})
         return ids
 
 

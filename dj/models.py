@@ -50,6 +50,9 @@ class Job(Base):
     # at once. The key is "task:key", so keys of different tasks never share a limit.
     limit_key: Mapped[str | None] = mapped_column(Text)
     key_limit: Mapped[int | None] = mapped_column(Integer)
+    # The OpenTelemetry span context of its enqueue, as the propagator writes it (W3C traceparent by
+    # default), so its attempts join that trace (dj/tracing.py); NULL when enqueued outside a span.
+    trace_context: Mapped[dict | None] = mapped_column(JSONB)
     # True once a job enqueued with after=[this id] waits for it (dj/dependencies.py); NULL otherwise.
     has_dependents: Mapped[bool | None] = mapped_column(Boolean)
 

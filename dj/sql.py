@@ -28,14 +28,17 @@ _WAKE_AT = ("{queue} || chr(31) || {priority} || chr(31) || (extract(epoch FROM 
             " || chr(31) || {id}")
 
 
+# The enqueues write trace_context: the OpenTelemetry span context of the enqueue (dj/tracing.py),
+# NULL without one, which a row stores in its null bitmap alone.
+#
 # One job, the common case: a plain VALUES insert, with its NOTIFY riding on RETURNING so that
 # it is sent at commit. Measured: about 90% of a bare INSERT's rate, where ENQUEUE below with one
 # row reaches 68%. A job without a unique key cannot conflict, so this leaves out ON CONFLICT and
 # the speculative insertion PostgreSQL makes for it (4 of the 95 us the server spends).
 ENQUEUE_ONE = """
-INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, batch_id)
+INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, batch_id, trace_context)
 VALUES (%(queue)s, %(priority)s, %(task)s, %(args)s::jsonb, %(kwargs)s::jsonb, coalesce(%(run_at)s, now()),
-        %(max_attempts)s, %(timeout)s, %(batch_id)s)
+        %(max_attempts)s, %(timeout)s, %(batch_id)s, %(trace_context)s::jsonb)
 RETURNING id, pg_notify('""" + NOTIFY_CHANNEL + """', """ + _WAKE_AT.format(queue="%(queue)s", priority="priority", run_at="run_at", id="id") + """)
 """
 
@@ -43,9 +46,10 @@ RETURNING id, pg_notify('""" + NOTIFY_CHANNEL + """', """ + _WAKE_AT.format(queu
 # stays as short as it is): skipped (no row, so no NOTIFY) while a live job holds the unique key.
 ENQUEUE_ONE_UNIQUE = """
 INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id,
-                  limit_key, key_limit)
+                  limit_key, key_limit, trace_context)
 VALUES (%(queue)s, %(priority)s, %(task)s, %(args)s::jsonb, %(kwargs)s::jsonb, coalesce(%(run_at)s, now()),
-        %(max_attempts)s, %(timeout)s, %(unique_key)s, %(batch_id)s, %(limit_key)s, %(key_limit)s)
+        %(max_attempts)s, %(timeout)s, %(unique_key)s, %(batch_id)s, %(limit_key)s, %(key_limit)s,
+        %(trace_context)s::jsonb)
 ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND failed_at IS NULL DO NOTHING
 RETURNING id, pg_notify('""" + NOTIFY_CHANNEL + """', """ + _WAKE_AT.format(queue="%(queue)s", priority="priority", run_at="run_at", id="id") + """)
 """
@@ -55,9 +59,10 @@ RETURNING id, pg_notify('""" + NOTIFY_CHANNEL + """', """ + _WAKE_AT.format(queu
 ENQUEUE = """
 WITH inserted AS (
     INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id,
-                      limit_key, key_limit)
+                      limit_key, key_limit, trace_context)
     SELECT %(queue)s, %(priority)s, %(task)s, t.args::jsonb, t.kwargs::jsonb, coalesce(%(run_at)s, now()),
-           %(max_attempts)s, %(timeout)s, t.unique_key, %(batch_id)s, t.limit_key, %(key_limit)s
+           %(max_attempts)s, %(timeout)s, t.unique_key, %(batch_id)s, t.limit_key, %(key_limit)s,
+           %(trace_context)s::jsonb
     FROM unnest(%(args)s::text[], %(kwargs)s::text[], %(keys)s::text[], %(limit_keys)s::text[])
          AS t(args, kwargs, unique_key, limit_key)
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND failed_at IS NULL DO NOTHING
@@ -108,11 +113,11 @@ WITH job_deps AS (
                      WHERE finished AND dead ORDER BY id LIMIT 1)) AS dead_why
 ), inserted AS (
     INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id,
-                      failed_at, last_error)
+                      failed_at, last_error, trace_context)
     SELECT %(queue)s, %(priority)s, %(task)s, t.args::jsonb, t.kwargs::jsonb,
            CASE WHEN v.dead_why IS NULL AND v.unfinished > 0 THEN timestamptz 'infinity' ELSE now() END,
            %(max_attempts)s, %(timeout)s, t.unique_key, %(batch_id)s,
-           CASE WHEN v.dead_why IS NOT NULL THEN now() END, v.dead_why
+           CASE WHEN v.dead_why IS NOT NULL THEN now() END, v.dead_why, %(trace_context)s::jsonb
     FROM unnest(%(args)s::text[], %(kwargs)s::text[], %(keys)s::text[]) AS t(args, kwargs, unique_key), verdict AS v
     WHERE NOT EXISTS (SELECT FROM unknown)
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND failed_at IS NULL DO NOTHING
@@ -148,6 +153,17 @@ SELECT unique_key, id FROM jobs WHERE unique_key = ANY(%s::text[]) AND failed_at
 # NOTIFY is delivered at commit, so a worker never wakes for a job it cannot see yet, and a
 # rolled-back enqueue wakes nobody. One per enqueue call, not per row.
 NOTIFY = "SELECT pg_notify('" + NOTIFY_CHANNEL + "', %s)"
+
+# A COPY enqueue's NOTIFY: where its first job sits (all its rows share queue, priority and run_at,
+# and their ids increase), read back from the row itself so that it is exact, as an INSERT's
+# RETURNING is. With the queue alone every worker would read from the head of the claim index,
+# which under an old snapshot means every dead entry since (see CLAIM). The queue alone if the row
+# is not there to read.
+NOTIFY_COPY = """
+SELECT pg_notify('""" + NOTIFY_CHANNEL + """', coalesce((
+    SELECT """ + _WAKE_AT.format(queue="queue", priority="priority", run_at="run_at", id="id") + """
+    FROM jobs WHERE id = %(id)s), %(queue)s))
+"""
 
 # --- claim ---------------------------------------------------------------------------------------
 
@@ -235,6 +251,8 @@ SELECT set_config('dj.claim_keys', coalesce((SELECT array_agg(limit_key) FROM lo
 # It returns args and kwargs as text and run_at as microseconds since the epoch (exact, so the
 # worker can pass a position back; and cheaper to decode than jsonb and timestamptz, see
 # dj.worker.jobs._load_job_json).
+# trace_context (text, decoded only by a worker that traces) is NULL but for jobs enqueued inside
+# an OpenTelemetry span (dj/tracing.py): on the wire that is 4 bytes a row, and nothing is decoded.
 CLAIM = """
 WITH open_queues AS (
     SELECT q.name, q.after_priority,
@@ -309,26 +327,33 @@ UPDATE jobs
 SET locked_by = %(worker)s, locked_at = now(), attempts = jobs.attempts + 1
 WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING jobs.id, jobs.task, jobs.args::text, jobs.kwargs::text, jobs.attempts, jobs.max_attempts,
-          jobs.timeout, jobs.queue, jobs.priority, (extract(epoch FROM jobs.run_at) * 1000000)::int8
+          jobs.timeout, jobs.queue, jobs.priority, (extract(epoch FROM jobs.run_at) * 1000000)::int8,
+          jobs.trace_context::text
 """
 
-# Behind a transaction pooler without DJ_LISTEN_URL no NOTIFY reaches a worker, so it asks with
-# this instead, every poll interval (0.1 s by default): which of its queues are paused (what the
-# settings NOTIFY would have said), and, for each that is open (not paused, with room under its
-# concurrency limit, counted as in CLAIM's open_queues), where its first ready job sits, which is
-# what an enqueue's NOTIFY would have said (see _WAKE_AT and dj.cursors). Every worker runs it that
-# often, so it must cost next to nothing: per queue, one read of jobs_claim_idx that stops at its
-# first ready entry, with no lock and no write. The ORDER BY is the index's own and keeps it an
-# index read: a plain EXISTS was planned as a scan of the table, all of it for an empty queue.
-# It reads from the index's head, so an old snapshot makes it slower (see CLAIM); the notifier
-# then stretches its interval (dj.worker.notifier), by the server's time the last column reports
-# (the round trip's time on a loaded machine is mostly waiting for a CPU). Jobs with a per-key limit
-# are left out (a held one would wake every worker at every poll, for nothing): behind a pooler
-# without DJ_LISTEN_URL, the worker's own poll interval finds them.
+# Where each open queue's first ready job sits, in claim order, after a given position (as in
+# CLAIM; the head is (min_priority, -infinity, 0)); and which of the queues are paused. Open means
+# not paused and with room under its concurrency limit, counted as in CLAIM's open_queues. No lock,
+# no write: per queue, one read of jobs_claim_idx that stops at its first ready entry. The ORDER BY
+# is the index's own and keeps it an index read: a plain EXISTS was planned as a scan of the table,
+# all of it for an empty queue. The last column is the server's time, by which callers space their
+# next run (on a loaded machine a round trip's time is mostly waiting for a CPU).
+#
+# Two callers:
+# - the notifier, behind a transaction pooler without DJ_LISTEN_URL, where no NOTIFY reaches a
+#   worker: every poll interval (0.1 s by default), from the worker's claim positions, so that it
+#   stays cheap under an old snapshot. It tells the worker what an enqueue's NOTIFY would have
+#   said (see _WAKE_AT and dj.cursors), and which queues were paused (the settings NOTIFY);
+# - the maintenance thread, from the head, at least every second (the probe of dj.cursors): what
+#   no NOTIFY announces, and a job put before the position where no NOTIFY reaches.
+#
+# Jobs with a per-key limit are left out (a held one would wake every worker at every poll, for
+# nothing): behind a pooler without DJ_LISTEN_URL, the worker's own poll interval finds them.
 POLL = """
 SELECT q.name, s.paused IS TRUE, j.priority, (extract(epoch FROM j.run_at) * 1000000)::int8, j.id,
        extract(epoch FROM clock_timestamp() - statement_timestamp())
-FROM unnest(%(queues)s::text[]) AS q(name)
+FROM unnest(%(queues)s::text[], %(after_priority)s::int2[], %(after_micros)s::int8[], %(after_id)s::int8[])
+     AS q(name, after_priority, after_micros, after_id)
 LEFT JOIN queue_settings s ON s.queue = q.name
 LEFT JOIN LATERAL (
     SELECT priority, run_at, id
@@ -336,6 +361,10 @@ LEFT JOIN LATERAL (
     WHERE queue = q.name
       AND locked_by IS NULL AND failed_at IS NULL AND limit_key IS NULL
       AND priority BETWEEN %(min_priority)s AND %(max_priority)s
+      AND (priority, run_at, id) > (q.after_priority,
+                                    CASE WHEN q.after_micros IS NULL THEN timestamptz '-infinity'
+                                         ELSE timestamptz 'epoch' + q.after_micros * interval '1 microsecond' END,
+                                    coalesce(q.after_id, 0))
       AND run_at <= now()
     ORDER BY priority, run_at, id
     LIMIT 1
@@ -716,7 +745,9 @@ ENSURE_VACUUM_ROW = "INSERT INTO maintenance (name) VALUES ('vacuum jobs') ON CO
 # Plain VACUUM: it takes no lock that stops claims or completions. It cannot run in a transaction
 # block, so it goes alone on an autocommit connection (which a transaction pooler also passes).
 # SKIP_LOCKED: if autovacuum (or someone) is vacuuming jobs already, return at once instead of
-# waiting behind it with the lease held.
+# waiting behind it with the lease held. It truncates the heap's empty tail, under a brief ACCESS
+# EXCLUSIVE lock, and the next enqueue extends it again: TRUNCATE false was tried and left the table
+# at twice the peak size in a 1M-job soak (121 MB against 64), for no faster rounds.
 VACUUM_JOBS = "VACUUM (SKIP_LOCKED) jobs"
 
 # Hand the chore back. dead_after: what pg_stat counts as dead now, which right after a vacuum is

@@ -19,6 +19,7 @@ from .batches import Batch, current_batch
 from .dependencies import After, BatchRef, split
 from .enqueueing import COPY_AT, MAX_ARGS_BYTES, Call, Plan, arguments_json, row_params, to_json
 from .errors import DJError
+from .tracing import enqueuing
 
 if TYPE_CHECKING:
     from typing_extensions import TypedDict, Unpack
@@ -135,6 +136,7 @@ class Enqueuer(Generic[P, R]):
             options["after"] = after if after[0] or after[1] else None
         return Enqueuer(self.name, replace(self.options, **options))
 
+    @enqueuing  # a `dj enqueue` span, with the extra dj[otel] (dj/tracing.py)
     def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> int:
         """Insert one job and return its id; if its unique key is held, the holder's id."""
         o = self.options
@@ -151,6 +153,7 @@ class Enqueuer(Generic[P, R]):
             batch.total += 1
         return job_id
 
+    @enqueuing
     async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> int:
         """enqueue(), from async code: on this event loop's pool, or in the transaction of an
         async `conn=` (a psycopg AsyncConnection, a SQLAlchemy AsyncSession or AsyncConnection)."""
@@ -176,10 +179,12 @@ class Enqueuer(Generic[P, R]):
             batch.total += 1
         return job_id
 
+    @enqueuing
     def enqueue_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]]) -> list[int]:
         """Enqueue one job per item, in one round trip. An item is an args tuple or a kwargs dict."""
         return self._enqueue(self._calls(calls))
 
+    @enqueuing
     async def enqueue_many_async(self, calls: Iterable[Sequence[Any] | dict[str, Any]]) -> list[int]:
         """enqueue_many(), from async code (see enqueue_async())."""
         return await self._enqueue_async(self._calls(calls))

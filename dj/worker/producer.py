@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from .. import dependencies, sql
+from .. import dependencies, sql, tracing
 from .. import task as task_mod
 from ..cursors import ClaimCursors
 from .connection import reconnect_delay
@@ -127,8 +127,9 @@ class Producer:
                 continue
             wake.wait(self.next_wait())
             if not wake.is_set() and not self._results:
-                self.more_ready = True  # the poll interval ran out: look again even without NOTIFY
-                self.cursors.rescan()  # from the head: a NOTIFY may have been missed
+                # The poll interval ran out: look again even without NOTIFY, from the position. A
+                # job a missed NOTIFY put before it is the probe's to find (dj/cursors.py).
+                self.more_ready = True
             wake.clear()
 
     def keyed_waiting(self) -> bool:
@@ -236,6 +237,8 @@ class Producer:
             self.key_cursor = row[1] if row else None  # None: the walk reached the last key
             self._keys_cur = None
         self.count(outcomes)
+        if tracing.ENABLED:
+            tracing.finished(outcomes)
         for o in bad:
             if not o.dead:  # its retry waits in its queue; is that before where we read?
                 self.cursors.failed(o.job.queue, o.job.priority)
@@ -257,13 +260,13 @@ class Producer:
         async_tasks = self._async_tasks
         if not async_tasks:
             for r in rows:
-                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
+                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], trace_context=r[10])
                 held[job.id] = job
                 jobs.append(job)
                 last[job.queue] = (job.priority, job.run_at, job.id)
         else:
             for r in rows:
-                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
+                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], trace_context=r[10])
                 held[job.id] = job
                 (coroutines if job.task in async_tasks else jobs).append(job)
                 last[job.queue] = (job.priority, job.run_at, job.id)

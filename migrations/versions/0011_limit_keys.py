@@ -1,14 +1,14 @@
 """Per-key limits: jobs carry a limit key and its limit, and have a claim index of their own
 
-Revision ID: 0010_limit_keys
-Revises: 0009_dependencies
+Revision ID: 0011_limit_keys
+Revises: 0010_trace_context
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0010_limit_keys"
-down_revision = "0009_dependencies"
+revision = "0011_limit_keys"
+down_revision = "0010_trace_context"
 branch_labels = None
 depends_on = None
 
