@@ -65,7 +65,7 @@ RAW_BATCH = 100
 # dj's async drain should be at least 10x theirs (issue 13).
 PEERS_10X = ("oban", "pgqueuer")
 # What `dj bench --only` can pick, in the order a full run measures them.
-SECTIONS = ("bulk", "single", "async-single", "drain", "keep", "latency", "pgbouncer", "soak", "old-snapshot",
+SECTIONS = ("bulk", "single", "async-single", "drain", "keep", "latency", "pgbouncer", "soak", "old-snapshot", "fairness",
             "rebuild", "peers")
 ROUNDS = 3  # the drains, the plain-SQL ceiling and the bulk enqueue are each the median of this many
 
@@ -73,7 +73,7 @@ ROUNDS = 3  # the drains, the plain-SQL ceiling and the bulk enqueue are each th
 RAW_CLAIM_DELETE = f"""
 DELETE FROM jobs WHERE id IN (
     SELECT id FROM jobs
-    WHERE queue = %s AND locked_by IS NULL AND failed_at IS NULL
+    WHERE queue = %s AND locked_by IS NULL AND failed_at IS NULL AND limit_key IS NULL
     ORDER BY priority, run_at, id
     LIMIT {RAW_BATCH}
     FOR UPDATE SKIP LOCKED)
@@ -92,7 +92,10 @@ SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = %(q)s AND failed_at IS NULL AND 
 """
 
 PENDING = """
-SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = %(q)s AND locked_by IS NULL AND failed_at IS NULL)
+SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = %(q)s AND locked_by IS NULL AND failed_at IS NULL
+               AND limit_key IS NULL)
+    OR EXISTS (SELECT 1 FROM jobs WHERE queue = %(q)s AND locked_by IS NULL AND failed_at IS NULL
+               AND limit_key IS NOT NULL)
     OR EXISTS (SELECT 1 FROM jobs WHERE locked_by IS NOT NULL AND queue = %(q)s)
 """
 
@@ -239,6 +242,7 @@ class _Bench:
         # setup, bulk, single, drains, latency, soak rounds, rebuild steps, peers, cleanup
         total = 3 + len(processes) + 1 + soak_rounds + 1 + 2 * (REBUILD_ROUNDS + 1) + (len(PEERS) * (1 + len(processes)) if peers else 0) + 1
         total += bench_snapshot.STEPS + 1 + 2  # + async-single + through PgBouncer
+        total += 1  # fairness
         total += bench_async_drain.PROCESSES in processes
         total += 1  # keep
         self.steps = _Steps(progress, total)
@@ -297,6 +301,12 @@ class _Bench:
             if self.wants("pgbouncer"):
                 self.steps.start("drain through PgBouncer, beside the direct drain")
                 result["pgbouncer"] = bench_pooler.measure(self, _WorkerPool, ROUNDS)
+            if self.wants("fairness"):
+                # Imported here: it registers a task with a per-key limit, which the workers of the
+                # other sections (they import this module) must not know (see dj.bench_fairness).
+                from . import bench_fairness
+
+                result["fairness"] = bench_fairness.measure(self, _WorkerPool)
             if self.wants("rebuild"):
                 result["rebuild"] = self.rebuild()
             if self.peers or (self.only is not None and "peers" in self.only):
@@ -440,7 +450,7 @@ class _Bench:
 
     # --- latency ------------------------------------------------------------------------------
 
-    def latency(self, pool: _WorkerPool, q: str) -> dict[str, float]:
+    def latency(self, pool: _WorkerPool, q: str, seconds: float | None = None) -> dict[str, float]:
         table = pgsql.Identifier(self.latency_table)
         self.conn.execute(pgsql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} (job_id bigint PRIMARY KEY,"
                                     " started float8 NOT NULL)").format(table))
@@ -451,7 +461,7 @@ class _Bench:
         self.wait_empty(pool, q, 10)
         self.conn.execute(pgsql.SQL("TRUNCATE {}").format(table))
 
-        count = max(1, int(LATENCY_RATE * self.latency_s))
+        count = max(1, int(LATENCY_RATE * (self.latency_s if seconds is None else seconds)))
         sent: dict[int, float] = {}
         begin = time.perf_counter()
         for i in range(count):
@@ -750,6 +760,10 @@ def table(doc: dict[str, Any]):
                                                             "table_bytes_after")) + " MiB", "bounded", "")
     bench_async.add_rows(t, doc, _n, _mark)
     bench_snapshot.add_rows(t, doc, _n, _mark)
+    if "fairness" in doc:
+        from . import bench_fairness
+
+        bench_fairness.add_rows(t, doc, _n, _mark)
     r = doc.get("rebuild")
     if r is None:
         pass

@@ -44,6 +44,8 @@ class Claimed:
     keep: float | None = None  # seconds to keep a success (with its return value); None: deleted
     started: float | None = field(default=None)
     finished: bool = field(default=False)
+    trace_context: str | None = field(default=None)  # the enqueue's span context, JSON (dj/tracing.py)
+    span: Any = field(default=None)  # the attempt's `dj perform` span and its start, while it runs
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Outcome:
     error: str | None = None  # None means success
     dead: bool = False
     seconds: float = 0.0  # how long the attempt ran
+    exc: BaseException | None = None  # what the job raised, for its span (dj/tracing.py)
     # A kept job's success (job.keep set): its return value as JSON, or None and why it is not kept.
     result: str | None = None
     result_error: str | None = None

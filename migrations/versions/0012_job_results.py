@@ -1,15 +1,15 @@
 """Kept successes: jobs.keep and the job_results table
 
-Revision ID: 0010_job_results
-Revises: 0009_dependencies
+Revision ID: 0012_job_results
+Revises: 0011_limit_keys
 """
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql as pg
 
-revision = "0010_job_results"
-down_revision = "0009_dependencies"
+revision = "0012_job_results"
+down_revision = "0011_limit_keys"
 branch_labels = None
 depends_on = None
 
