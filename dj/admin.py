@@ -10,7 +10,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .errors import DJError
-from . import snapshot, sql
+from . import rates, snapshot, sql
 from .sql import QUEUE_SETTINGS_CHANNEL
 
 STATES = ("ready", "scheduled", "running", "dead")
@@ -74,6 +74,9 @@ def status(conn: psycopg.Connection) -> dict[str, Any]:
         "throughput": {"succeeded_last_minute": succeeded, "failed_last_minute": failed},
         # Added with issue 12: the session whose snapshot holds back vacuum of jobs, or null.
         "oldest_snapshot": snapshot.oldest(conn),
+        # Added with issue 15: every rate limit in force (a queue's, a task's that ran in the last
+        # hour), with the starts its current window has used (dj/rates.py).
+        "rate_limits": rates.usage(conn),
     }
 
 
@@ -167,10 +170,13 @@ def resume_queue(conn: psycopg.Connection, queue: str) -> None:
 
 
 def queue_settings(conn: psycopg.Connection) -> dict[str, dict[str, Any]]:
-    """{queue: {"paused": bool, "concurrency_limit": int | None}} for queues that have a row.
-    A queue without a row is active and unlimited."""
-    rows = conn.execute("SELECT queue, paused, concurrency_limit FROM queue_settings ORDER BY queue").fetchall()
-    return {q: {"paused": paused, "concurrency_limit": limit} for q, paused, limit in rows}
+    """{queue: {"paused": bool, "concurrency_limit": int | None, "rate": "100/min" | None}} for
+    queues that have a row. A queue without a row is active and unlimited."""
+    rows = conn.execute("SELECT queue, paused, concurrency_limit, rate_limit, rate_period"
+                        " FROM queue_settings ORDER BY queue").fetchall()
+    return {q: {"paused": paused, "concurrency_limit": limit,
+                "rate": str(rates.Rate(rate, period)) if rate is not None else None}
+            for q, paused, limit, rate, period in rows}
 
 
 def _set_paused(conn: psycopg.Connection, queue: str, paused: bool) -> None:

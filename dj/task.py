@@ -18,6 +18,8 @@ from . import config, connections, db, enqueueing, sql
 from .batches import Batch, current_batch
 from .enqueueing import COPY_AT, MAX_ARGS_BYTES, Call, Plan, arguments_json, row_params, to_json
 from .errors import DJError
+from .rates import Rate
+from .rates import parse as parse_rate
 
 if TYPE_CHECKING:
     from typing_extensions import TypedDict, Unpack
@@ -200,8 +202,10 @@ class Enqueuer(Generic[P, R]):
 class Task(Enqueuer[P, R]):
     """A registered job function. Calling it runs the function directly, in this process."""
 
-    def __init__(self, fn: Callable[P, R], name: str, options: Options, cron: str | None = None):
+    def __init__(self, fn: Callable[P, R], name: str, options: Options, cron: str | None = None,
+                 rate: Rate | None = None):
         super().__init__(name, options)
+        self.rate = rate  # @job(rate=...): at most rate.limit claims per rate.period, all hosts (dj/rates.py)
         self.fn = fn
         # A coroutine function: workers run it on their event loop (dj/worker/executor.py), and
         # calling the task returns the coroutine, as calling the function would.
@@ -225,18 +229,20 @@ def job(name: Callable[P, R], /) -> Task[P, R]: ...
 @overload
 def job(name: str | None = None, *, queue: str = "default", priority: int = 0, max_attempts: int = 25,
         timeout: float | None = None, unique: bool | Callable[..., Any] | None = None,
-        cron: str | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+        cron: str | None = None, rate: str | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
 def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", priority: int = 0,
         max_attempts: int = 25, timeout: float | None = None, unique: bool | Callable[..., Any] | None = None,
-        cron: str | None = None,
+        cron: str | None = None, rate: str | None = None,
         ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Register a function as a job. `name` defaults to `module.function`.
 
     `unique=True` makes jobs with equal arguments unique while one is pending; `unique=fn` uses
     `fn(*args, **kwargs)` as the key.
     `cron="*/5 * * * *"` makes running workers enqueue it, without arguments, once per tick (dj/cron.py).
+    `rate="10/s"` (or N/min, N/h): at most that many of its jobs start in any such window, across
+    all workers and hosts (dj/rates.py).
     """
     if callable(name):  # used bare, as @job
         return job()(name)
@@ -247,6 +253,7 @@ def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", pri
         from .cron import validate
 
         validate(cron)  # ValueError for an expression croniter rejects or that never fires
+    task_rate = None if rate is None else parse_rate(rate)  # ValueError for a bad spec
 
     def register(fn: Callable[P, R]) -> Task[P, R]:
         task_name = name or f"{fn.__module__}.{fn.__qualname__}"
@@ -254,7 +261,7 @@ def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", pri
         if existing is not None and existing.fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"job name {task_name!r} is already registered by {existing.fn!r}")
         task: Task[P, R] = Task(fn, task_name, Options(queue=queue, priority=priority, max_attempts=max_attempts,
-                                            timeout=timeout, unique=unique), cron=cron)
+                                            timeout=timeout, unique=unique), cron=cron, rate=task_rate)
         _registry[task_name] = task
         return task
 

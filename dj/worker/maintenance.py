@@ -85,6 +85,7 @@ class Maintenance:
                 conn.execute(sql.NOTIFY, (queue,))
         conn.execute(sql.FORGET_STALE_WORKERS, params)
         conn.execute(sql.PRUNE_STATS)
+        conn.execute(sql.PRUNE_RATE_STARTS)
 
     def maybe_vacuum(self, conn: psycopg.Connection) -> None:
         """Vacuum jobs if it is due and no other worker is at it (dj/vacuum.py)."""

@@ -35,6 +35,10 @@ MAX_PREFETCH_PER_THREAD = 128
 # keep the prepared statement and large ones are planned afresh.
 PREPARED_PLAN_MAX_OUTCOMES = 32
 
+# How long after a rate window frees a slot the worker claims again (sql.RATE_WAIT): the server's
+# clock and the worker's monotonic one agree only to within a round trip.
+RATE_WAKE_SLACK = 0.005
+
 
 def _prepare(outcomes: list[Outcome]) -> bool | None:
     """psycopg's `prepare=`: None lets it prepare the statement as usual, False plans this call alone."""
@@ -64,6 +68,15 @@ class Producer:
         self.cursors = ClaimCursors(self.queues, w.min_priority)
         self._claim_head, self._claim_started = False, 0.0  # the claim in flight: from a head? since?
         self.paused: set[str] = set()
+        # Rate limits (dj/rates.py): whether one of our queues has one (the last claim's lock said
+        # so), the tasks with @job(rate=...) we know (as CLAIM_RATED_TASKS' parameters), and when a
+        # used-up key frees a slot while its jobs wait (monotonic; None: no such key).
+        self.rated_queues = False
+        self.rate_wake_at: float | None = None
+        self._rated: dict[str, list[Any]] = {"rated_tasks": [], "rated_max": [], "rated_period": []}
+        self._rated_size = -1
+        self._lock_cur: psycopg.Cursor | None = None
+        self._rate_cur: psycopg.Cursor | None = None
         self.poll_interval = w.poll_interval
         self.flush_interval = 0.005
         # Jobs claimed ahead of free threads, so that one claim round trip serves many jobs. By
@@ -91,6 +104,12 @@ class Producer:
         failures = 0
         epoch: int | None = self.connector.epoch  # see Connector.lost
         while not stopping.is_set():
+            if self.rate_wake_at is not None and time.monotonic() >= self.rate_wake_at:
+                # A rate-limited key frees a slot now. Read from the head: a task's held jobs may
+                # sit before where our last claim stopped (the claim skipped them).
+                self.rate_wake_at = None
+                self.more_ready = True
+                self.cursors.rescan()
             try:
                 executor.enforce_timeouts()
                 if self.paused:
@@ -106,7 +125,8 @@ class Producer:
                 failures += 1
                 epoch = self.reconnect()
                 continue
-            if burst and not claimed and not self._held and not self._results and not self.more_ready:
+            if (burst and not claimed and not self._held and not self._results and not self.more_ready
+                    and self.rate_wake_at is None):  # rate-held jobs remain: wait for their slot
                 return
             if claimed and self.more_ready and self.room() >= self.capacity // 2:
                 continue
@@ -119,7 +139,10 @@ class Producer:
     def next_wait(self) -> float:
         if self._results:
             return self.flush_interval
-        return self.executor.next_wait(self.poll_interval)
+        wait = self.executor.next_wait(self.poll_interval)
+        if self.rate_wake_at is not None:
+            wait = min(wait, max(0.001, self.rate_wake_at - time.monotonic()))
+        return wait
 
     def reconnect(self) -> int | None:
         """Replace the main connection; returns its epoch (see Connector.lost), None if the database
@@ -213,6 +236,7 @@ class Producer:
         if cur is None:
             self.more_ready = self.more_ready or woke
             return 0
+        self.read_rates()
         rows = cur.fetchall()
         if len(rows) == room or woke:
             self.more_ready = True
@@ -247,12 +271,41 @@ class Producer:
 
     def claim(self, room: int) -> psycopg.Cursor:
         w, conn = self.worker, self.conn
-        conn.execute(sql.LOCK_LIMITED_QUEUES, {"queues": self.queues})
+        self._lock_cur = conn.execute(sql.LOCK_LIMITED_QUEUES, {"queues": self.queues})
+        rated = self.rated_tasks()
+        if rated["rated_tasks"]:
+            conn.execute(sql.LOCK_RATED_TASKS, rated)
         after, self._claim_head = self.cursors.params()
         self._claim_started = time.monotonic()
-        return conn.execute(sql.CLAIM, {
+        cur = conn.execute(sql.CLAIM_RATED_TASKS if rated["rated_tasks"] else sql.CLAIM, {
             "queues": self.queues, "min_priority": w.min_priority, "max_priority": w.max_priority,
-            "limit": room, "worker": self.name, **after})
+            "limit": room, "worker": self.name, **after, **(rated if rated["rated_tasks"] else {})})
+        self._rate_cur = None
+        if rated["rated_tasks"] or self.rated_queues:
+            self._rate_cur = conn.execute(sql.RATE_WAIT, {"queues": self.queues, **rated})
+        return cur
+
+    def rated_tasks(self) -> dict[str, list[Any]]:
+        """The registered tasks with @job(rate=...), as the parameters of the rate statements."""
+        registry = task_mod._registry
+        if len(registry) != self._rated_size:
+            self._rated_size = len(registry)
+            rated = sorted((name, t.rate) for name, t in registry.items() if t.rate is not None)
+            self._rated = {"rated_tasks": [n for n, _ in rated], "rated_max": [r.limit for _, r in rated],
+                           "rated_period": [r.period for _, r in rated]}
+        return self._rated
+
+    def read_rates(self) -> None:
+        """After a claim: note whether our queues have rate limits, and when a used-up one frees."""
+        rated_queues = any(r[1] for r in self._lock_cur.fetchall()) if self._lock_cur is not None else False
+        if self._rate_cur is not None:
+            waits = [r[0] for r in self._rate_cur.fetchall()]
+            # A little after the oldest start leaves the window, so the claim then finds it gone.
+            self.rate_wake_at = time.monotonic() + max(0.0, min(waits)) + RATE_WAKE_SLACK if waits else None
+        elif rated_queues:
+            self.more_ready = True  # a rate limit we did not know of: claim again, this time with RATE_WAIT
+        self.rated_queues = rated_queues
+        self._lock_cur = self._rate_cur = None
 
     def count(self, outcomes: list[Outcome]) -> None:
         counts, held = self.counts, self._held
