@@ -125,7 +125,8 @@ ORDER BY name
 #
 # Rate limits (dj/rates.py has the argument): a queue with one gets at most what its sliding log
 # leaves in the last period, `room` cut to `rate_limit - starts since clock.at - rate_period`, and
-# its claims are logged in rate_starts (one row per claim, in `logged`). A claim is the "start" a
+# its claims are logged in rate_starts (one row per claim, in `logged`, counted from `picked`: the
+# UPDATE changes every row picked, since the read locked them). A claim is the "start" a
 # rate limit counts, and its time, `clock.at`, is both the log's time and the jobs' locked_at. It is
 # read with clock_timestamp() after the lock (LOCK_LIMITED_QUEUES) was granted, not now() (the
 # transaction's start, before the wait): so the claims of one key get increasing times in lock
@@ -158,7 +159,7 @@ WITH clock AS MATERIALIZED (
     LEFT JOIN queue_settings s ON s.queue = q.name
     WHERE s.paused IS NOT TRUE
 ), picked AS (
-    SELECT c.id
+    SELECT c.id, q.name AS queue
     FROM open_queues AS q
     CROSS JOIN LATERAL (
         SELECT id, priority, run_at
@@ -174,21 +175,19 @@ WITH clock AS MATERIALIZED (
     ) AS c
     ORDER BY c.priority, c.run_at, c.id
     LIMIT %(limit)s
-), claimed AS (
-    UPDATE jobs
-    SET locked_by = %(worker)s, locked_at = (SELECT at FROM clock), attempts = jobs.attempts + 1
-    WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))
-    RETURNING jobs.id, jobs.task, jobs.args::text, jobs.kwargs::text, jobs.attempts, jobs.max_attempts,
-              jobs.timeout, jobs.queue, jobs.priority, (extract(epoch FROM jobs.run_at) * 1000000)::int8
 ), logged AS (
     INSERT INTO rate_starts AS r (key, started_at, n, max_starts, period)
     SELECT 'queue:' || q.name, (SELECT at FROM clock), count(*), q.rate_limit, q.rate_period
-    FROM open_queues q JOIN claimed c ON c.queue = q.name
+    FROM open_queues q JOIN picked p ON p.queue = q.name
     WHERE q.rate_limit IS NOT NULL
     GROUP BY q.name, q.rate_limit, q.rate_period
     ON CONFLICT (key, started_at) DO UPDATE SET n = r.n + EXCLUDED.n
 )
-SELECT * FROM claimed
+UPDATE jobs
+SET locked_by = %(worker)s, locked_at = (SELECT at FROM clock), attempts = jobs.attempts + 1
+WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))
+RETURNING jobs.id, jobs.task, jobs.args::text, jobs.kwargs::text, jobs.attempts, jobs.max_attempts,
+          jobs.timeout, jobs.queue, jobs.priority, (extract(epoch FROM jobs.run_at) * 1000000)::int8
 """
 
 def _with_task_rates(claim: str) -> str:
@@ -202,7 +201,7 @@ def _with_task_rates(claim: str) -> str:
       it walks the held jobs' entries: a backlog of a rated task is best kept in its own queue.
     - `kept` cuts each rated task's rows down to its allowance, in claim order; the rows cut were
       locked FOR UPDATE by the read and are unlocked at commit, unchanged. `logged_tasks` logs the
-      rest."""
+      rest, and `logged` counts the queues' starts from it."""
     def swap(old: str, new: str) -> None:
         nonlocal claim
         assert claim.count(old) == 1, old
@@ -217,25 +216,23 @@ def _with_task_rates(claim: str) -> str:
 ), picked AS (""")
     swap("          AND run_at <= now()\n",
          "          AND run_at <= now()\n          AND task <> ALL(ARRAY(SELECT name FROM task_rates WHERE room = 0))\n")
-    swap("\n), claimed AS (", """
+    swap("\n), logged AS (", """
 ), kept AS (
-    SELECT p.id
-    FROM (SELECT j.id, j.task,
+    SELECT p.id, p.queue, p.task
+    FROM (SELECT j.id, j.queue, j.task,
                  row_number() OVER (PARTITION BY j.task ORDER BY j.priority, j.run_at, j.id) AS nth
           FROM jobs j WHERE j.id = ANY(ARRAY(SELECT id FROM picked))) AS p
     LEFT JOIN task_rates t ON t.name = p.task
     WHERE t.room IS NULL OR p.nth <= t.room
-), claimed AS (""")
-    swap("WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))", "WHERE jobs.id = ANY(ARRAY(SELECT id FROM kept))")
-    swap("\n)\nSELECT * FROM claimed", """
 ), logged_tasks AS (
     INSERT INTO rate_starts AS r (key, started_at, n, max_starts, period)
     SELECT 'task:' || t.name, (SELECT at FROM clock), count(*), t.max_starts, t.period
-    FROM task_rates t JOIN claimed c ON c.task = t.name
+    FROM task_rates t JOIN kept p ON p.task = t.name
     GROUP BY t.name, t.max_starts, t.period
     ON CONFLICT (key, started_at) DO UPDATE SET n = r.n + EXCLUDED.n
-)
-SELECT * FROM claimed""")
+), logged AS (""")
+    swap("FROM open_queues q JOIN picked p ON p.queue = q.name", "FROM open_queues q JOIN kept p ON p.queue = q.name")
+    swap("WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))", "WHERE jobs.id = ANY(ARRAY(SELECT id FROM kept))")
     return claim
 
 
