@@ -201,3 +201,32 @@ def test_the_python_api(conn):
     assert admin.queue_settings(conn)["mail"]["rate"] == "3/s"
     assert rates.set_queue_rate(conn, "mail", None) is None
     assert admin.queue_settings(conn)["mail"]["rate"] is None
+
+
+# --- the dashboard and /metrics ---------------------------------------------------------------------
+
+def test_the_dashboard_and_metrics_show_rate_limits_and_their_use(conn, cli, run_burst, db_url):
+    import re
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+    from dj.web import create_app
+
+    assert cli("queue", "rate", "default", "5/min").returncode == 0
+    claim.enqueue_many([(f"j{i}",) for i in range(3)])
+    rated.enqueue_many([(f"rated{i}",) for i in range(2)])
+    run_burst(processes=1)
+    assert jobs_left(conn) == 0
+    with TestClient(create_app(db_url), base_url="http://127.0.0.1") as client:
+        page = client.get("/", headers={"Accept": "text/html"}).text
+        row = re.search(r'<tr data-queue="default">(.*?)</tr>', page, re.S).group(1)
+        # The queue's window holds all 5 claims of the queue: 3 of test.rate.claim, 2 of test.rate.task.
+        assert 'data-rate="5/min"' in row and "5/min · 5 used" in row
+        assert re.search(r'<tr data-task-rate="test.rate.task"><td>test.rate.task</td><td>5/s</td>', page)
+        text = client.get("/metrics").text
+    assert 'dj_rate_limit{name="default",scope="queue"} 5.0' in text
+    assert 'dj_rate_limit_period_seconds{name="default",scope="queue"} 60.0' in text
+    assert 'dj_rate_limit_used{name="default",scope="queue"} 5.0' in text
+    assert 'dj_rate_limit{name="test.rate.task",scope="task"} 5.0' in text
