@@ -181,7 +181,8 @@ def test_enqueue_work_status_list_retry_cancel(cli, conn):
 
     results = run_parallel(cli, {"status": ("status", "--json"), "list": ("jobs", "list", "--state", "dead", WIDE)})
     doc = json.loads(ok(results["status"]))
-    assert set(doc) == {"queues", "totals", "workers", "throughput", "oldest_snapshot"}  # the last added by issue 12
+    # oldest_snapshot was added by issue 12, rate_limits by issue 15
+    assert set(doc) == {"queues", "totals", "workers", "throughput", "oldest_snapshot", "rate_limits"}
     assert set(doc["queues"]) == {"default"}
     assert set(doc["queues"]["default"]) == QUEUE_KEYS
     assert set(doc["totals"]) == STATE_KEYS

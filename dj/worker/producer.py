@@ -302,8 +302,8 @@ class Producer:
             waits = [r[0] for r in self._rate_cur.fetchall()]
             # A little after the oldest start leaves the window, so the claim then finds it gone.
             self.rate_wake_at = time.monotonic() + max(0.0, min(waits)) + RATE_WAKE_SLACK if waits else None
-        elif rated_queues:
-            self.more_ready = True  # a rate limit we did not know of: claim again, this time with RATE_WAIT
+        elif rated_queues:  # a rate limit we did not know of: claim again at once, this time with RATE_WAIT
+            self.rate_wake_at = time.monotonic()
         self.rated_queues = rated_queues
         self._lock_cur = self._rate_cur = None
 
