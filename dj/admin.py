@@ -170,13 +170,10 @@ def resume_queue(conn: psycopg.Connection, queue: str) -> None:
 
 
 def queue_settings(conn: psycopg.Connection) -> dict[str, dict[str, Any]]:
-    """{queue: {"paused": bool, "concurrency_limit": int | None, "rate": "100/min" | None}} for
-    queues that have a row. A queue without a row is active and unlimited."""
-    rows = conn.execute("SELECT queue, paused, concurrency_limit, rate_limit, rate_period"
-                        " FROM queue_settings ORDER BY queue").fetchall()
-    return {q: {"paused": paused, "concurrency_limit": limit,
-                "rate": str(rates.Rate(rate, period)) if rate is not None else None}
-            for q, paused, limit, rate, period in rows}
+    """{queue: {"paused": bool, "concurrency_limit": int | None}} for queues that have a row.
+    A queue without a row is active and unlimited. (Rate limits: dj.rates.queue_rates.)"""
+    rows = conn.execute("SELECT queue, paused, concurrency_limit FROM queue_settings ORDER BY queue").fetchall()
+    return {q: {"paused": paused, "concurrency_limit": limit} for q, paused, limit in rows}
 
 
 def _set_paused(conn: psycopg.Connection, queue: str, paused: bool) -> None:

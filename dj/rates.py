@@ -91,6 +91,13 @@ def set_queue_rate(conn: psycopg.Connection, queue: str, rate: str | Rate | None
     return rate
 
 
+def queue_rates(conn: psycopg.Connection) -> dict[str, Rate]:
+    """{queue: its Rate} for the queues with a rate limit."""
+    rows = conn.execute("SELECT queue, rate_limit, rate_period FROM queue_settings"
+                        " WHERE rate_limit IS NOT NULL ORDER BY queue").fetchall()
+    return {q: Rate(limit, period) for q, limit, period in rows}
+
+
 _USAGE = """
 SELECT k.key, k.max_starts, k.period,
        coalesce((SELECT sum(r.n) FROM rate_starts r

@@ -47,13 +47,13 @@ def overview(conn: psycopg.Connection) -> dict[str, Any]:
     with the starts its current window used. A queue with settings and no jobs is listed."""
     doc = admin.status(conn)
     settings = admin.queue_settings(conn)
-    used = {r["name"]: r["used"] for r in doc["rate_limits"] if r["scope"] == "queue"}
+    rates = {r["name"]: r for r in doc["rate_limits"] if r["scope"] == "queue"}
     queues = []
     for name in sorted(set(doc["queues"]) | set(settings)):
         counts = doc["queues"].get(name, _ZERO_COUNTS)
-        rate = settings.get(name, {}).get("rate")
+        rate = rates.get(name)
         queues.append({"name": name, **counts, "paused": settings.get(name, {}).get("paused", False),
-                       "rate": rate, "rate_used": used.get(name, 0) if rate else None})
+                       "rate": rate["rate"] if rate else None, "rate_used": rate["used"] if rate else None})
     return {**doc, "queues": queues}
 
 
