@@ -1,15 +1,15 @@
 """Rate limits: a queue's limit in queue_settings, and the sliding log of claims, rate_starts
 
-Revision ID: 0010_rate_limits
-Revises: 0009_dependencies
+Revision ID: 0012_rate_limits
+Revises: 0011_limit_keys
 """
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql as pg
 
-revision = "0010_rate_limits"
-down_revision = "0009_dependencies"
+revision = "0012_rate_limits"
+down_revision = "0011_limit_keys"
 branch_labels = None
 depends_on = None
 
