@@ -122,7 +122,7 @@ class Enqueuer(Generic[P, R]):
         # conflict, so none of the holder look-up that unique keys need.
         params, batch = self._one(args, kwargs)
         with db.borrow(o.conn) as conn:
-            job_id: int = conn.execute(sql.ENQUEUE_ONE, params).fetchone()[0]  # type: ignore[index]
+            job_id: int = db.single_cursor(conn).execute(sql.ENQUEUE_ONE, params).fetchone()[0]  # type: ignore[index]
         if batch:
             batch.total += 1
         return job_id
@@ -145,7 +145,9 @@ class Enqueuer(Generic[P, R]):
             pool = db.loop_async_pool() or await db.async_pool()
             conn = await pool.getconn()
             try:
-                job_id = (await (await conn.execute(sql.ENQUEUE_ONE, params)).fetchone())[0]  # type: ignore[index]
+                # The pooled connection's kept cursor (see db.PooledConnection).
+                cur = conn.enqueue_cursor()
+                job_id = (await (await cur.execute(sql.ENQUEUE_ONE, params)).fetchone())[0]  # type: ignore[index]
             finally:
                 await pool.putconn(conn)
         if batch:
