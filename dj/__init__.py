@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 # behind these names cost ~180 ms (psycopg, the worker).
 _EXPORTS = {
     "status": "admin",
-    "batch": "batches", "current_batch": "batches",
+    "Batch": "batches", "batch": "batches", "current_batch": "batches",
+    "BatchRef": "dependencies", "UnknownDependency": "dependencies",
     "JobContext": "context", "current_job": "context",
     "connect": "db", "connection": "db", "database_url": "db", "transaction": "db", "use_database": "db",
     "DatabaseUnavailable": "errors", "DJError": "errors", "Permanent": "errors", "SchemaMissing": "errors",
@@ -24,7 +25,8 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from . import batches, testing
     from .admin import status
-    from .batches import batch, current_batch
+    from .batches import Batch, batch, current_batch
+    from .dependencies import BatchRef, UnknownDependency
     from .context import JobContext, current_job
     from .db import connect, connection, database_url, transaction, use_database
     from .errors import DatabaseUnavailable, DJError, Permanent, SchemaMissing, WorkFailed
@@ -59,9 +61,9 @@ def migrate(url: str | None = None) -> str:
 
 
 __all__ = [
-    "DJError", "DatabaseUnavailable", "JobContext", "Permanent", "SchemaMissing", "Task", "Worker", "WorkFailed",
+    "Batch", "BatchRef", "DJError", "DatabaseUnavailable", "JobContext", "Permanent", "SchemaMissing", "Task", "Worker", "WorkFailed",
     "batch", "batches", "connect", "connection", "current_batch", "current_job", "database_url", "enqueue", "job",
-    "migrate", "run_workers", "status", "testing", "transaction", "use_database",
+    "migrate", "run_workers", "status", "testing", "transaction", "UnknownDependency", "use_database",
 ]
 
 

@@ -10,18 +10,21 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .errors import DJError
-from . import snapshot, sql
+from . import dependencies, snapshot, sql
 from .sql import QUEUE_SETTINGS_CHANNEL
 
-STATES = ("ready", "scheduled", "running", "dead")
+STATES = ("ready", "scheduled", "running", "dead", "waiting")
 
-# The four states are disjoint; this is the one place that defines them.
+# The states are disjoint; this is the one place that defines them. A waiting job's dependencies
+# have not all succeeded yet (dj/dependencies.py): it sits at run_at 'infinity' until they have.
 STATE_SQL = {
     "dead": "failed_at IS NOT NULL",
     "running": "failed_at IS NULL AND locked_by IS NOT NULL",
-    "scheduled": "failed_at IS NULL AND locked_by IS NULL AND run_at > now()",
+    "waiting": "failed_at IS NULL AND locked_by IS NULL AND run_at = 'infinity'",
+    "scheduled": "failed_at IS NULL AND locked_by IS NULL AND run_at > now() AND run_at <> 'infinity'",
     "ready": "failed_at IS NULL AND locked_by IS NULL AND run_at <= now()",
 }
+COUNTED = ("ready", "scheduled", "running", "dead", "retrying", "waiting")  # in status, in this order
 RETRYING_SQL = "failed_at IS NULL AND locked_by IS NULL AND attempts > 0"
 
 _COUNTS = f"""
@@ -31,6 +34,7 @@ SELECT queue,
        count(*) FILTER (WHERE {STATE_SQL['running']}) AS running,
        count(*) FILTER (WHERE {STATE_SQL['dead']}) AS dead,
        count(*) FILTER (WHERE {RETRYING_SQL}) AS retrying,
+       count(*) FILTER (WHERE {STATE_SQL['waiting']}) AS waiting,
        coalesce(extract(epoch FROM now() - min(run_at) FILTER (WHERE {STATE_SQL['ready']})), 0)::float8
            AS oldest_ready_age_s
 FROM jobs GROUP BY queue ORDER BY queue
@@ -48,17 +52,18 @@ SELECT coalesce(sum(succeeded), 0)::bigint, coalesce(sum(failed), 0)::bigint
 FROM job_stats WHERE bucket > now() - interval '60 seconds'
 """
 
-_COLUMNS = ("id, queue, priority, task, args, kwargs, run_at, attempts, max_attempts, timeout, locked_at,"
+# run_at: NULL for a waiting job, whose 'infinity' no Python datetime can hold.
+_COLUMNS = ("id, queue, priority, task, args, kwargs, nullif(run_at, 'infinity') AS run_at, attempts, max_attempts, timeout, locked_at,"
             " locked_by, failed_at, last_error, created_at, unique_key, batch_id, progress")
 
 
 def status(conn: psycopg.Connection) -> dict[str, Any]:
     """The `dj status --json` document (see DESIGN.md)."""
     queues: dict[str, dict[str, Any]] = {}
-    totals = dict.fromkeys(("ready", "scheduled", "running", "dead", "retrying"), 0)
+    totals = dict.fromkeys(COUNTED, 0)
     for row in conn.execute(_COUNTS).fetchall():
-        q = dict(zip(("ready", "scheduled", "running", "dead", "retrying"), row[1:6]))
-        q["oldest_ready_age_s"] = round(row[6], 3)
+        q: dict[str, Any] = dict(zip(COUNTED, row[1:7]))
+        q["oldest_ready_age_s"] = round(row[7], 3)
         queues[row[0]] = q
         for k in totals:
             totals[k] += q[k]
@@ -119,14 +124,19 @@ def get_job(conn: psycopg.Connection, job_id: int) -> dict[str, Any]:
                           (job_id,)).fetchone()
     if row is None:
         raise DJError(f"no job {job_id} (finished jobs are deleted)")
+    row["waits_for"] = dependencies.waits_for(conn, job_id)
     return row
 
 
 def retry(conn: psycopg.Connection, job_id: int) -> None:
-    """Make a dead or waiting job ready now, with a fresh set of attempts."""
-    row = conn.execute(
-        "UPDATE jobs SET failed_at = NULL, run_at = now(), attempts = 0 "
-        "WHERE id = %s AND locked_by IS NULL RETURNING queue", (job_id,)).fetchone()
+    """Make a dead, scheduled or waiting job ready now, with a fresh set of attempts. A job waiting
+    for dependencies stops waiting for them."""
+    with conn.transaction():
+        row = conn.execute(
+            "UPDATE jobs SET failed_at = NULL, run_at = now(), attempts = 0 "
+            "WHERE id = %s AND locked_by IS NULL RETURNING queue", (job_id,)).fetchone()
+        if row is not None:
+            conn.execute("DELETE FROM job_dependencies WHERE job_id = %s", (job_id,))
     if row is None:
         get_job(conn, job_id)  # raises if missing
         raise DJError(f"job {job_id} is running; it cannot be retried now")

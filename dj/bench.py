@@ -436,7 +436,7 @@ class _Bench:
 
     # --- latency ------------------------------------------------------------------------------
 
-    def latency(self, pool: _WorkerPool, q: str) -> dict[str, float]:
+    def latency(self, pool: _WorkerPool, q: str, seconds: float | None = None) -> dict[str, float]:
         table = pgsql.Identifier(self.latency_table)
         self.conn.execute(pgsql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} (job_id bigint PRIMARY KEY,"
                                     " started float8 NOT NULL)").format(table))
@@ -447,7 +447,7 @@ class _Bench:
         self.wait_empty(pool, q, 10)
         self.conn.execute(pgsql.SQL("TRUNCATE {}").format(table))
 
-        count = max(1, int(LATENCY_RATE * self.latency_s))
+        count = max(1, int(LATENCY_RATE * (self.latency_s if seconds is None else seconds)))
         sent: dict[int, float] = {}
         begin = time.perf_counter()
         for i in range(count):

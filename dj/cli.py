@@ -116,6 +116,10 @@ def enqueue_job(
     priority: Priority = None,
     in_: Annotated[Optional[str], typer.Option("--in", help="Run after a delay: 30s, 5m, 2h, 1d.")] = None,
     at: Annotated[Optional[str], typer.Option("--at", help="Run at an ISO 8601 time.")] = None,
+    after: Annotated[Optional[str], typer.Option(
+        "--after", help="Run once these jobs have succeeded: comma-separated job ids.")] = None,
+    after_batch: Annotated[Optional[str], typer.Option(
+        "--after-batch", help="Run once these batches have succeeded: comma-separated batch ids.")] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Enqueue one job of a registered task."""
@@ -136,14 +140,25 @@ def enqueue_job(
             raise DJError(f"--in {in_!r} is too far in the future") from None
     if at is not None:
         options["run_at"] = parse_time(at)
+    if after is not None or after_batch is not None:
+        from .dependencies import BatchRef
+
+        options["after"] = [*_ids(after, "--after"), *(BatchRef(i) for i in _ids(after_batch, "--after-batch"))]
     if task_mod.lookup(name) is None:
         raise DJError(f"unknown task {name!r}; see the registered tasks with 'dj jobs tasks'")
     _connect(database_url).close()
     try:
         job_id = task_mod.enqueue(name, positional, keywords, **options)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, LookupError) as exc:
         raise DJError(str(exc)) from None
     out.print(f"enqueued job {job_id} ({escape(name)})")
+
+
+def _ids(text: str | None, option: str) -> list[int]:
+    try:
+        return [int(part) for part in (text or "").split(",") if part.strip()]
+    except ValueError:
+        raise DJError(f"{option} takes comma-separated ids, e.g. {option} 12,13") from None
 
 
 @enqueue_app.command("seed")
@@ -320,17 +335,20 @@ class _BurstProgress:
 
 # --- status and jobs ----------------------------------------------------------------------------
 
+_STATUS_COLUMNS = ("ready", "scheduled", "running", "retrying", "dead", "waiting")
+
+
 def _status_table(doc: dict[str, Any]) -> Table:
-    table = Table("queue", "ready", "scheduled", "running", "retrying", "dead", "oldest ready",
+    table = Table("queue", "ready", "scheduled", "running", "retrying", "dead", "waiting", "oldest ready",
                   title="dj status", caption=(
                       f"{doc['throughput']['succeeded_last_minute']} succeeded, "
                       f"{doc['throughput']['failed_last_minute']} failed in the last minute; "
                       f"{len(doc['workers'])} worker(s); oldest snapshot: {_snapshot_note(doc['oldest_snapshot'])}"))
     for name, q in doc["queues"].items():
-        table.add_row(escape(name), *(str(q[k]) for k in ("ready", "scheduled", "running", "retrying", "dead")),
+        table.add_row(escape(name), *(str(q[k]) for k in _STATUS_COLUMNS),
                       f"{q['oldest_ready_age_s']:.1f}s")
     t = doc["totals"]
-    table.add_row("[bold]total", *(f"[bold]{t[k]}" for k in ("ready", "scheduled", "running", "retrying", "dead")),
+    table.add_row("[bold]total", *(f"[bold]{t[k]}" for k in _STATUS_COLUMNS),
                   "")
     return table
 
@@ -378,7 +396,7 @@ def status(
 
 @jobs_app.command("list")
 def jobs_list(
-    state: Annotated[Optional[str], typer.Option("--state", help="ready, scheduled, running or dead.")] = None,
+    state: Annotated[Optional[str], typer.Option("--state", help="ready, scheduled, running, dead or waiting.")] = None,
     queue: Annotated[Optional[str], typer.Option("--queue", "-q")] = None,
     limit: Annotated[int, typer.Option("--limit", help="Rows to show.")] = 50,
     database_url: DatabaseUrl = None,
@@ -392,7 +410,8 @@ def jobs_list(
         error = (r["last_error"] or "").strip().splitlines()
         # Queue, task and error are user text: "[/]" in them must print as is, not as rich markup.
         table.add_row(str(r["id"]), r["state"], escape(r["queue"]), str(r["priority"]), escape(r["task"]),
-                      f"{r['attempts']}/{r['max_attempts']}", f"{r['run_at']:%Y-%m-%d %H:%M:%S}",
+                      f"{r['attempts']}/{r['max_attempts']}",
+                      "-" if r["run_at"] is None else f"{r['run_at']:%Y-%m-%d %H:%M:%S}",
                       escape(error[-1][:60]) if error else "", )
     out.print(table)
 
@@ -404,6 +423,11 @@ def jobs_show(job_id: Annotated[int, typer.Argument(metavar="ID")], database_url
     for key, value in row.items():
         if key in ("args", "kwargs"):
             value = json.dumps(value)
+        elif key == "waits_for":
+            value = ", ".join(f"job {d['job']} ({d['state']})" if "job" in d else f"batch {d['batch']} ({d['state']})"
+                              for d in value) or "nothing"
+        elif key == "run_at" and value is None:
+            value = "when the jobs it waits for have succeeded"
         out.print(f"[bold]{key}[/bold]: ", end="")
         out.print(str(value), markup=False, highlight=False)
 

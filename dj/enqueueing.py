@@ -19,6 +19,7 @@ import psycopg
 
 from . import sql
 from .batches import Batch, current_batch
+from .dependencies import UnknownDependency
 
 if TYPE_CHECKING:
     from .task import Options
@@ -122,7 +123,8 @@ class Plan:
                                 for args, kwargs in calls]
         self.batch: Batch | None = current_batch()
         # COPY draws ids, copies and notifies in three statements, which must be one transaction.
-        self.copy = len(self.rows) >= COPY_AT and all(key is None for _, _, key in self.rows)
+        self.copy = (len(self.rows) >= COPY_AT and not options.after
+                     and all(key is None for _, _, key in self.rows))
 
     def steps(self) -> Steps:
         rows, batch = self.rows, self.batch
@@ -153,6 +155,8 @@ class Plan:
         batch_id = self.batch.id if self.batch else None
         if self.copy:
             return (yield from self._copy(rows, batch_id))
+        if o.after:
+            return (yield from self._insert_after(rows, batch_id))
         if len(rows) == 1:
             statement = sql.ENQUEUE_ONE if rows[0][2] is None else sql.ENQUEUE_ONE_UNIQUE
             found = yield Execute(statement, row_params(self.name, o, *rows[0], batch_id))
@@ -161,18 +165,21 @@ class Plan:
                   "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
                   "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows]}
         returned_rows = yield Execute(sql.ENQUEUE, params)
-        # Identity values are drawn in input order, so the inserted rows, sorted by id, line up
-        # with the input rows that were not skipped.
-        returned = iter(sorted((job_id, key) for job_id, key, _ in returned_rows or ()))
-        nxt = next(returned, None)
-        result: list[int | None] = []
-        for _, _, key in rows:
-            if nxt is not None and nxt[1] == key:
-                result.append(nxt[0])
-                nxt = next(returned, None)
-            else:
-                result.append(None)
-        return result
+        return _line_up(rows, [(job_id, key) for job_id, key, _ in returned_rows or ()])
+
+    def _insert_after(self, rows: list[Row], batch_id: int | None) -> Inserting:
+        """Insert rows that wait for other jobs or batches (ENQUEUE_AFTER; dj/dependencies.py)."""
+        o = self.options
+        assert o.after is not None
+        params = {"queue": o.queue, "priority": o.priority, "task": self.name,
+                  "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
+                  "after_jobs": list(o.after[0]), "after_batches": list(o.after[1]),
+                  "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows]}
+        returned_rows = yield Execute(sql.ENQUEUE_AFTER, params)
+        for job_id, _, _, unknown in returned_rows or ():
+            if job_id is None:
+                raise UnknownDependency(f"after= names no such {unknown}: it never existed")
+        return _line_up(rows, [(job_id, key) for job_id, key, _, _ in returned_rows or ()])
 
     def _copy(self, rows: list[Row], batch_id: int | None) -> Inserting:
         """Bulk path: draw the ids first, then COPY the rows in, then one NOTIFY.
@@ -187,8 +194,23 @@ class Plan:
         tail = tuple(fixed.values())
         yield Copy(f"COPY jobs ({', '.join(['id', 'args', 'kwargs', *fixed])}) FROM STDIN",
                    ((job_id, args, kwargs, *tail) for job_id, (args, kwargs, _) in zip(ids, rows)))
-        yield Execute(sql.NOTIFY, (o.queue,))
+        yield Execute(sql.NOTIFY_COPY, {"id": ids[0] if ids else None, "queue": o.queue})
         return ids
+
+
+def _line_up(rows: list[Row], returned_rows: list[tuple[int, str | None]]) -> list[int | None]:
+    """Each input row's new id, or None where its unique key was held. Identity values are drawn
+    in input order, so the inserted rows, sorted by id, line up with the rows not skipped."""
+    returned = iter(sorted(returned_rows))
+    nxt = next(returned, None)
+    result: list[int | None] = []
+    for _, _, key in rows:
+        if nxt is not None and nxt[1] == key:
+            result.append(nxt[0])
+            nxt = next(returned, None)
+        else:
+            result.append(None)
+    return result
 
 
 # The drivers. On dj's own (autocommit) connection a COPY gets a transaction of its own; a

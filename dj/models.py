@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, Float, Index, Integer, MetaData, SmallInteger, Text, false, text
+from sqlalchemy import BigInteger, CheckConstraint, Column, Boolean, Float, Index, Integer, MetaData, SmallInteger, Table, Text, false, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -21,8 +21,9 @@ class Base(DeclarativeBase):
 class Job(Base):
     """One row per job that has not succeeded yet: ready, scheduled, running or dead.
 
-    States (disjoint): dead = failed_at set; running = locked_by set; scheduled = run_at in the
-    future; ready = the rest.
+    States (disjoint): dead = failed_at set; running = locked_by set; waiting = run_at 'infinity'
+    (its dependencies have not all succeeded: see JobDependency); scheduled = run_at in the future;
+    ready = the rest.
     """
 
     __tablename__ = "jobs"
@@ -45,6 +46,8 @@ class Job(Base):
     unique_key: Mapped[str | None] = mapped_column(Text)
     batch_id: Mapped[int | None] = mapped_column(BigInteger)
     progress: Mapped[dict | None] = mapped_column(JSONB)
+    # True once a job enqueued with after=[this id] waits for it (dj/dependencies.py); NULL otherwise.
+    has_dependents: Mapped[bool | None] = mapped_column(Boolean)
 
     __table_args__ = (
         # The claim query's exact shape: equality on queue, then ORDER BY priority, run_at, id,
@@ -123,8 +126,25 @@ class Batch(Base):
     succeeded: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     dead: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     result: Mapped[dict | None] = mapped_column(JSONB)
+    has_dependents: Mapped[bool | None] = mapped_column(Boolean)  # as Job.has_dependents
     created_at: Mapped[datetime] = mapped_column(TZ, nullable=False, server_default=text("now()"))
     finished_at: Mapped[datetime | None] = mapped_column(TZ)
+
+
+# A waiting job (`job_id`, run_at 'infinity') and one job or batch it waits for. A row goes when its
+# dependency succeeds; the job is released when it has none left, and dies when one dies
+# (dj_settle_dependents, created in migration 0009; docs/ARCHITECTURE.md, "Dependencies"). A plain
+# table, not a mapped class: it has no key of its own, and rows are found by either end.
+job_dependencies = Table(
+    "job_dependencies", metadata,
+    Column("job_id", BigInteger, nullable=False),
+    Column("after_job", BigInteger),
+    Column("after_batch", BigInteger),
+    CheckConstraint("(after_job IS NULL) <> (after_batch IS NULL)", name="job_dependencies_one_target"),
+    Index("job_dependencies_after_job_idx", "after_job", postgresql_where=text("after_job IS NOT NULL")),
+    Index("job_dependencies_after_batch_idx", "after_batch", postgresql_where=text("after_batch IS NOT NULL")),
+    Index("job_dependencies_job_idx", "job_id"),
+)
 
 
 class CronRun(Base):

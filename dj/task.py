@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import config, connections, db, enqueueing, sql
 from .batches import Batch, current_batch
+from .dependencies import After, BatchRef, split
 from .enqueueing import COPY_AT, MAX_ARGS_BYTES, Call, Plan, arguments_json, row_params, to_json
 from .errors import DJError
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
         conn: Conn | None
         unique_key: str | None
         unique: bool | Callable[..., Any] | None
+        after: Iterable[int | Batch | BatchRef]
 
 __all__ = ["COPY_AT", "MAX_ARGS_BYTES", "Enqueuer", "Options", "Task", "enqueue", "job", "lookup", "registered",
            "to_json"]
@@ -101,6 +103,8 @@ class Options:
     unique_key: str | None = None
     # How @job(unique=...) derives a key from the arguments: True (all of them) or a function.
     unique: bool | Callable[..., Any] | None = None
+    # Job ids and batch ids the jobs wait for (dj/dependencies.py): using(after=[...]) fills it.
+    after: After | None = None
 
 
 class Enqueuer(Generic[P, R]):
@@ -118,14 +122,18 @@ class Enqueuer(Generic[P, R]):
         conn = changes.get("conn")
         if conn is not None:
             connections.is_async(conn)  # a TypeError here, for anything it cannot be
-        return Enqueuer(self.name, replace(self.options, **changes))
+        options: dict[str, Any] = dict(changes)
+        if "after" in options:
+            after = split(options["after"])
+            options["after"] = after if after[0] or after[1] else None
+        return Enqueuer(self.name, replace(self.options, **options))
 
     def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> int:
         """Insert one job and return its id; if its unique key is held, the holder's id."""
         o = self.options
         if _interceptor is not None:
             return _intercepted(self, [(args, kwargs)], False)[0]
-        if o.unique_key is not None or o.unique:
+        if o.unique_key is not None or o.unique or o.after:
             return self._enqueue([(args, kwargs)])[0]
         # The common case, kept short because a web request pays for it: one INSERT that cannot
         # conflict, so none of the holder look-up that unique keys need.
@@ -142,7 +150,7 @@ class Enqueuer(Generic[P, R]):
         o = self.options
         if _interceptor is not None:
             return _intercepted(self, [(args, kwargs)], True)[0]
-        if o.unique_key is not None or o.unique:
+        if o.unique_key is not None or o.unique or o.after:
             return (await self._enqueue_async([(args, kwargs)]))[0]
         params, batch = self._one(args, kwargs)
         # Written out rather than through db.borrow_async(): its context manager costs about 1.5 us
@@ -186,6 +194,9 @@ class Enqueuer(Generic[P, R]):
 
     def _plan(self, calls: list[Call]) -> Plan | None:
         _check_priority(self.options.priority)
+        if self.options.after and self.options.run_at is not None:
+            raise ValueError("run_at cannot be combined with after=: a dependent runs as soon as the "
+                             "jobs it waits for have succeeded")
         plan = Plan(self.name, self.options, calls)
         return plan if plan.rows else None
 

@@ -21,7 +21,7 @@ from psycopg import conninfo
 from tests.support_jobs import permanent, record
 
 WIDE = {"COLUMNS": "200"}  # rich tables and help: no wrapping or truncation in the output we check
-STATE_KEYS = {"ready", "scheduled", "running", "dead", "retrying"}
+STATE_KEYS = {"ready", "scheduled", "running", "dead", "retrying", "waiting"}  # waiting: dependencies
 QUEUE_KEYS = STATE_KEYS | {"oldest_ready_age_s"}
 
 
@@ -186,8 +186,8 @@ def test_enqueue_work_status_list_retry_cancel(cli, conn):
     assert set(doc["queues"]["default"]) == QUEUE_KEYS
     assert set(doc["totals"]) == STATE_KEYS
     assert doc["queues"]["default"] == {"ready": 0, "scheduled": 0, "running": 0, "dead": 3, "retrying": 0,
-                                        "oldest_ready_age_s": 0.0}
-    assert doc["totals"] == {"ready": 0, "scheduled": 0, "running": 0, "dead": 3, "retrying": 0}
+                                        "waiting": 0, "oldest_ready_age_s": 0.0}
+    assert doc["totals"] == {"ready": 0, "scheduled": 0, "running": 0, "dead": 3, "retrying": 0, "waiting": 0}
     assert doc["workers"] == []  # a burst worker removes its row when it exits
     assert doc["throughput"] == {"succeeded_last_minute": 1, "failed_last_minute": 3}
 
@@ -249,6 +249,8 @@ def test_status_json_counts_every_state_per_queue(cli, conn):
             (queue, offset, attempts, locked_by, locked_by, dead, dead))
     conn.execute("INSERT INTO workers (name, host, pid, queues, concurrency, heartbeat_at) "
                  "VALUES ('w1', 'somehost', 4242, ARRAY['alpha', 'beta'], 4, now() - interval '2 seconds')")
+    # Waiting for a dependency (dj/dependencies.py): run_at 'infinity', not scheduled.
+    conn.execute("INSERT INTO jobs (queue, task, run_at) VALUES ('beta', 'test.record', 'infinity')")
     conn.execute("INSERT INTO job_stats (bucket, queue, succeeded, failed) VALUES "
                  "(date_trunc('second', now()), 'alpha', 7, 2), (now() - interval '5 minutes', 'alpha', 100, 100)")
 
@@ -257,9 +259,9 @@ def test_status_json_counts_every_state_per_queue(cli, conn):
     assert doc["queues"] == {}
     assert 100 <= alpha.pop("oldest_ready_age_s") < 130
     assert 5 <= beta.pop("oldest_ready_age_s") < 35
-    assert alpha == {"ready": 2, "scheduled": 2, "running": 1, "dead": 1, "retrying": 2}
-    assert beta == {"ready": 3, "scheduled": 1, "running": 2, "dead": 2, "retrying": 1}
-    assert doc["totals"] == {"ready": 5, "scheduled": 3, "running": 3, "dead": 3, "retrying": 3}
+    assert alpha == {"ready": 2, "scheduled": 2, "running": 1, "dead": 1, "retrying": 2, "waiting": 0}
+    assert beta == {"ready": 3, "scheduled": 1, "running": 2, "dead": 2, "retrying": 1, "waiting": 1}
+    assert doc["totals"] == {"ready": 5, "scheduled": 3, "running": 3, "dead": 3, "retrying": 3, "waiting": 1}
     [worker] = doc["workers"]
     assert 2 <= worker.pop("heartbeat_age_s") < 32
     assert worker == {"name": "w1", "queues": ["alpha", "beta"], "running": 3}

@@ -141,7 +141,7 @@ def test_migrate_enqueue_work_status_on_the_embedded_server(home, conn):
         assert c.execute("SELECT task FROM jobs").fetchall() == [("tasks.demo.noop",)]
     ok(dj_cli("work", "--burst", env=env))
     doc = json.loads(ok(dj_cli("status", "--json", env=env)))
-    assert doc["totals"] == {"ready": 0, "scheduled": 0, "running": 0, "dead": 0, "retrying": 0}
+    assert doc["totals"] == {"ready": 0, "scheduled": 0, "running": 0, "dead": 0, "retrying": 0, "waiting": 0}
     assert doc["throughput"] == {"succeeded_last_minute": 1, "failed_last_minute": 0}
     with psycopg.connect(url) as c:
         assert c.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0

@@ -2,7 +2,7 @@
 
 | metric | type | labels |
 |---|---|---|
-| `dj_jobs` | gauge | queue, state (ready, scheduled, running, dead: disjoint, so they add up) |
+| `dj_jobs` | gauge | queue, state (ready, scheduled, running, dead, waiting: disjoint, so they add up) |
 | `dj_jobs_retrying` | gauge (ready or scheduled jobs that failed before) | queue |
 | `dj_queue_oldest_ready_age_seconds` | gauge | queue |
 | `dj_queue_paused` | gauge (1 paused, 0 active) | queue |

@@ -30,7 +30,8 @@ _WORKER_DETAILS = "SELECT name, host, pid, concurrency, started_at FROM workers"
 
 STALE_AFTER_S = 30.0
 
-_ZERO_COUNTS = {"ready": 0, "scheduled": 0, "running": 0, "dead": 0, "retrying": 0, "oldest_ready_age_s": 0.0}
+_ZERO_COUNTS = {"ready": 0, "scheduled": 0, "running": 0, "dead": 0, "retrying": 0, "waiting": 0,
+                "oldest_ready_age_s": 0.0}
 
 
 def per_minute(conn: psycopg.Connection) -> list[tuple[int, int]]:

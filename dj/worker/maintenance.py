@@ -4,7 +4,9 @@ timeout, the reaper (jobs of workers that stopped heartbeating become ready agai
 stale workers and pruning old stats; then the due cron ticks, each enqueued once across workers,
 and a look at the oldest snapshot (one warning when it gets old, dj/snapshot.py). Every second,
 whether jobs needs a vacuum that no other worker is doing (dj/vacuum.py); the vacuum itself runs
-in a thread of its own, so the heartbeat never waits for it."""
+in a thread of its own, so the heartbeat never waits for it. And when it is due, the claim
+cursors' probe (dj/cursors.py): a read of each queue from its head, here and not on the main
+connection, so that claims go on while it runs."""
 
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ class Maintenance:
                     cron.fire_due(conn)  # enqueue due cron ticks, each once across all workers
                     self.snapshots.check(conn)
                 self.maybe_vacuum(conn)
+                self.maybe_probe(conn)
             except psycopg.Error as exc:
                 if isinstance(exc, psycopg.OperationalError):
                     connector.lost(exc, epoch)
@@ -79,12 +82,26 @@ class Maintenance:
     def reap(self, conn: psycopg.Connection) -> None:
         params = {"lock_timeout": self.worker.lock_timeout}
         reaped = conn.execute(sql.REAP_ORPHANS, params).fetchall()
-        if reaped:
-            log.warning("reclaimed %d job(s) from workers that stopped heartbeating", len(reaped))
+        if reaped:  # rows without an id: queues of batch callbacks that dead dependents enqueued
+            log.warning("reclaimed %d job(s) from workers that stopped heartbeating",
+                        sum(1 for job_id, _ in reaped if job_id is not None))
             for queue in sorted({q for _, q in reaped}):
                 conn.execute(sql.NOTIFY, (queue,))
         conn.execute(sql.FORGET_STALE_WORKERS, params)
         conn.execute(sql.PRUNE_STATS)
+
+    def maybe_probe(self, conn: psycopg.Connection) -> None:
+        """Read each queue from its head, if the cursors' probe is due, and wake the main loop if a
+        job is ready (dj/cursors.py says why here)."""
+        w = self.worker
+        cursors = w._producer.cursors
+        if not cursors.probe_due():
+            return
+        rows = conn.execute(sql.POLL, {"queues": cursors.queues, "min_priority": w.min_priority,
+                                       "max_priority": w.max_priority, **cursors.head()}).fetchall()
+        took = max((float(r[5]) for r in rows), default=0.0)  # the server's time
+        if cursors.probed({r[0]: (r[2], r[3], r[4]) for r in rows if r[4] is not None}, took):
+            w._producer.on_jobs()
 
     def maybe_vacuum(self, conn: psycopg.Connection) -> None:
         """Vacuum jobs if it is due and no other worker is at it (dj/vacuum.py)."""

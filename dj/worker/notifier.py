@@ -7,7 +7,13 @@ of that queue). It works one of two ways, chosen at start (`dj.pooler.listen_tar
 - polling, behind a transaction pooler without DJ_LISTEN_URL, where no NOTIFY can reach an idle
   client: `sql.POLL`, one read of the claim index per queue, every poll interval (0.1 s by
   default), so an idle worker finds a new job within about that time. It tells the claim cursors
-  where the first ready job sits, as an enqueue's NOTIFY would."""
+  where the first ready job sits, as an enqueue's NOTIFY would. It reads from the head of each
+  queue, which makes each poll also the cursors' probe (dj/cursors.py), while that is cheap; once
+  a read from the head takes the server more than POLL_SLOW (an old snapshot: every job drained
+  since leaves index entries at the head that each read visits), it reads from the worker's claim
+  positions instead, and leaves the reads from the head to the probe on the maintenance thread,
+  which stretches its interval by their cost. Without that, the interval stretched: pickup took
+  up to 20 x the slow read (seconds)."""
 
 from __future__ import annotations
 
@@ -80,10 +86,17 @@ class Notifier:
     def _poll(self, conn: psycopg.Connection) -> None:
         paused: set[str] = set()
         wait = self.poll_interval
+        cursors = self.cursors
         while not self.stopping.wait(wait):
-            rows = conn.execute(sql.POLL, self.poll_params).fetchall()
+            from_head = cursors.head_is_cheap(POLL_SLOW)
+            rows = conn.execute(sql.POLL, {**self.poll_params,
+                                           **(cursors.head() if from_head else cursors.positions())}).fetchall()
             took = max((float(r[5]) for r in rows), default=0.0)  # the server's time
-            wait = max(self.poll_interval, POLL_COST_FACTOR * took) if took > POLL_SLOW else self.poll_interval
+            if from_head:
+                cursors.probed({r[0]: (r[2], r[3], r[4]) for r in rows if r[4] is not None}, took)
+            # A slow read from the head is followed by reads from the positions: no need to wait.
+            slow = took > POLL_SLOW and not from_head
+            wait = max(self.poll_interval, POLL_COST_FACTOR * took) if slow else self.poll_interval
             now_paused = {r[0] for r in rows if r[1]}
             for queue in sorted(now_paused - paused):  # what the settings NOTIFY would have said
                 self.on_settings(json.dumps({"queue": queue, "paused": True}))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from .. import sql
+from .. import dependencies, sql
 from .. import task as task_mod
 from ..cursors import ClaimCursors
 from .connection import reconnect_delay
@@ -100,20 +100,25 @@ class Producer:
                 claimed = self.cycle()
                 self.maybe_summarise()
                 failures = 0
+                if burst and not claimed and not self._held and not self._results and not self.more_ready:
+                    # Nothing to run now. A job waiting in our queues for a job that is ready or
+                    # running (any queue, any worker) can still be released: then wait for the
+                    # NOTIFY of its release (or the poll interval), as an idle worker does.
+                    if not dependencies.releasable(self.conn, self.queues):
+                        return
             except psycopg.OperationalError as exc:
                 self.connector.lost(exc, epoch)
                 stopping.wait(reconnect_delay(failures))
                 failures += 1
                 epoch = self.reconnect()
                 continue
-            if burst and not claimed and not self._held and not self._results and not self.more_ready:
-                return
             if claimed and self.more_ready and self.room() >= self.capacity // 2:
                 continue
             wake.wait(self.next_wait())
             if not wake.is_set() and not self._results:
-                self.more_ready = True  # the poll interval ran out: look again even without NOTIFY
-                self.cursors.rescan()  # from the head: a NOTIFY may have been missed
+                # The poll interval ran out: look again even without NOTIFY, from the position. A
+                # job a missed NOTIFY put before it is the probe's to find (dj/cursors.py).
+                self.more_ready = True
             wake.clear()
 
     def next_wait(self) -> float:
