@@ -54,7 +54,7 @@ FROM job_stats WHERE bucket > now() - interval '60 seconds'
 
 # run_at: NULL for a waiting job, whose 'infinity' no Python datetime can hold.
 _COLUMNS = ("id, queue, priority, task, args, kwargs, nullif(run_at, 'infinity') AS run_at, attempts, max_attempts, timeout, locked_at,"
-            " locked_by, failed_at, last_error, created_at, unique_key, batch_id, progress")
+            " locked_by, failed_at, last_error, created_at, unique_key, batch_id, progress, limit_key, key_limit")
 
 
 def status(conn: psycopg.Connection) -> dict[str, Any]:
@@ -79,7 +79,19 @@ def status(conn: psycopg.Connection) -> dict[str, Any]:
         "throughput": {"succeeded_last_minute": succeeded, "failed_last_minute": failed},
         # Added with issue 12: the session whose snapshot holds back vacuum of jobs, or null.
         "oldest_snapshot": snapshot.oldest(conn),
+        # Added with issue 15: the keys of per-key limits that are at their limit, and the ready
+        # jobs each holds back (the most first; at most KEYS_SHOWN keys, `held` counted to 10,000).
+        "keys_at_limit": keys_at_limit(conn),
     }
+
+
+KEYS_SHOWN = 20
+
+
+def keys_at_limit(conn: psycopg.Connection, top: int = KEYS_SHOWN) -> list[dict[str, Any]]:
+    """Keys with as many running jobs as their limit allows, and how many ready jobs wait for them."""
+    return [{"key": key, "queue": queue, "running": running, "limit": limit, "held": held}
+            for key, queue, running, limit, held in conn.execute(sql.KEYS_AT_LIMIT, {"top": top}).fetchall()]
 
 
 def list_jobs(conn: psycopg.Connection, state: str | None = None, queue: str | None = None,

@@ -65,15 +65,15 @@ RAW_BATCH = 100
 # dj's async drain should be at least 10x theirs (issue 13).
 PEERS_10X = ("oban", "pgqueuer")
 # What `dj bench --only` can pick, in the order a full run measures them.
-SECTIONS = ("bulk", "single", "async-single", "drain", "latency", "pgbouncer", "soak", "old-snapshot", "rebuild",
-            "peers")
+SECTIONS = ("bulk", "single", "async-single", "drain", "latency", "pgbouncer", "soak", "old-snapshot", "fairness",
+            "rebuild", "peers")
 ROUNDS = 3  # the drains, the plain-SQL ceiling and the bulk enqueue are each the median of this many
 
 # The plain-SQL ceiling of the issue: claim and delete in batches, nothing else.
 RAW_CLAIM_DELETE = f"""
 DELETE FROM jobs WHERE id IN (
     SELECT id FROM jobs
-    WHERE queue = %s AND locked_by IS NULL AND failed_at IS NULL
+    WHERE queue = %s AND locked_by IS NULL AND failed_at IS NULL AND limit_key IS NULL
     ORDER BY priority, run_at, id
     LIMIT {RAW_BATCH}
     FOR UPDATE SKIP LOCKED)
@@ -92,7 +92,10 @@ SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = %(q)s AND failed_at IS NULL AND 
 """
 
 PENDING = """
-SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = %(q)s AND locked_by IS NULL AND failed_at IS NULL)
+SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = %(q)s AND locked_by IS NULL AND failed_at IS NULL
+               AND limit_key IS NULL)
+    OR EXISTS (SELECT 1 FROM jobs WHERE queue = %(q)s AND locked_by IS NULL AND failed_at IS NULL
+               AND limit_key IS NOT NULL)
     OR EXISTS (SELECT 1 FROM jobs WHERE locked_by IS NOT NULL AND queue = %(q)s)
 """
 
@@ -239,6 +242,7 @@ class _Bench:
         # setup, bulk, single, drains, latency, soak rounds, rebuild steps, peers, cleanup
         total = 3 + len(processes) + 1 + soak_rounds + 1 + 2 * (REBUILD_ROUNDS + 1) + (len(PEERS) * (1 + len(processes)) if peers else 0) + 1
         total += bench_snapshot.STEPS + 1 + 2  # + async-single + through PgBouncer
+        total += 1  # fairness
         total += bench_async_drain.PROCESSES in processes
         self.steps = _Steps(progress, total)
 
@@ -293,6 +297,12 @@ class _Bench:
             if self.wants("pgbouncer"):
                 self.steps.start("drain through PgBouncer, beside the direct drain")
                 result["pgbouncer"] = bench_pooler.measure(self, _WorkerPool, ROUNDS)
+            if self.wants("fairness"):
+                # Imported here: it registers a task with a per-key limit, which the workers of the
+                # other sections (they import this module) must not know (see dj.bench_fairness).
+                from . import bench_fairness
+
+                result["fairness"] = bench_fairness.measure(self, _WorkerPool)
             if self.wants("rebuild"):
                 result["rebuild"] = self.rebuild()
             if self.peers or (self.only is not None and "peers" in self.only):
@@ -745,6 +755,10 @@ def table(doc: dict[str, Any]):
                                                             "table_bytes_after")) + " MiB", "bounded", "")
     bench_async.add_rows(t, doc, _n, _mark)
     bench_snapshot.add_rows(t, doc, _n, _mark)
+    if "fairness" in doc:
+        from . import bench_fairness
+
+        bench_fairness.add_rows(t, doc, _n, _mark)
     r = doc.get("rebuild")
     if r is None:
         pass

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 import psycopg
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
@@ -338,7 +338,7 @@ class _BurstProgress:
 _STATUS_COLUMNS = ("ready", "scheduled", "running", "retrying", "dead", "waiting")
 
 
-def _status_table(doc: dict[str, Any]) -> Table:
+def _status_table(doc: dict[str, Any]) -> Table | Group:
     table = Table("queue", "ready", "scheduled", "running", "retrying", "dead", "waiting", "oldest ready",
                   title="dj status", caption=(
                       f"{doc['throughput']['succeeded_last_minute']} succeeded, "
@@ -350,7 +350,12 @@ def _status_table(doc: dict[str, Any]) -> Table:
     t = doc["totals"]
     table.add_row("[bold]total", *(f"[bold]{t[k]}" for k in _STATUS_COLUMNS),
                   "")
-    return table
+    if not doc.get("keys_at_limit"):
+        return table
+    keys = Table("key at its limit", "queue", "running", "limit", "ready, held back", title="per-key limits")
+    for k in doc["keys_at_limit"]:
+        keys.add_row(escape(k["key"]), escape(k["queue"]), str(k["running"]), str(k["limit"]), str(k["held"]))
+    return Group(table, keys)
 
 
 def _snapshot_note(snap: dict[str, Any] | None) -> str:
@@ -634,7 +639,7 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="A small run, well under a minute.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     only: Annotated[Optional[str], typer.Option("--only", help="Measure only these sections, comma-separated: "
-                                                "bulk, single, drain, latency, soak, old-snapshot, rebuild, peers.")
+                                                "bulk, single, drain, latency, soak, old-snapshot, fairness, rebuild, peers.")
                     ] = None,
     database_url: DatabaseUrl = None,
 ) -> None:

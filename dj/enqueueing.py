@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
 
-from . import sql
+from . import sql, tracing
 from .batches import Batch, current_batch
 from .dependencies import UnknownDependency
 
@@ -30,7 +30,7 @@ COPY_AT = 1000
 MAX_ARGS_BYTES = 1_000_000
 
 Call = tuple[Sequence[Any], dict[str, Any]]
-Row = tuple[str, str, "str | None"]  # args JSON, kwargs JSON, unique key
+Row = tuple[str, str, "str | None", "str | None"]  # args JSON, kwargs JSON, unique key, limit key
 
 
 # A NUL character, as JSON escapes it: an even run of backslashes (escaped backslashes), then \u0000.
@@ -86,13 +86,21 @@ def key_from_args(options: Options, name: str, args: Sequence[Any], kwargs: dict
     return f"{name}:{key}"
 
 
+def limit_key_from_args(options: Options, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
+    """The job's per-key limit key, "task:key" (so two tasks never share a key's limit), or None."""
+    if options.limit_by is None:
+        return None
+    return f"{name}:{options.limit_by(*args, **kwargs)}"
+
+
 def row_params(name: str, options: Options, args_json: str, kwargs_json: str, key: str | None,
-               batch_id: int | None) -> dict[str, Any]:
+               batch_id: int | None, limit_key: str | None = None) -> dict[str, Any]:
     """The parameters of ENQUEUE_ONE and ENQUEUE_ONE_UNIQUE."""
     o = options
     return {"queue": o.queue, "priority": o.priority, "task": name, "args": args_json, "kwargs": kwargs_json,
             "run_at": o.run_at, "max_attempts": o.max_attempts, "timeout": o.timeout, "unique_key": key,
-            "batch_id": batch_id}
+            "batch_id": batch_id, "limit_key": limit_key, "key_limit": o.limit if limit_key is not None else None,
+            "trace_context": tracing.carrier() if tracing.ENABLED else None}
 
 
 class Execute(NamedTuple):
@@ -117,14 +125,18 @@ class Plan:
     nothing), and the statements that insert them."""
 
     def __init__(self, name: str, options: Options, calls: list[Call]):
+        if options.after and options.limit_by is not None:
+            raise TypeError("after= is not supported for a task with limit_by yet")
         self.name = name
         self.options = options
-        self.rows: list[Row] = [(*arguments_json(args, kwargs), key_from_args(options, name, args, kwargs))
+        self.rows: list[Row] = [(*arguments_json(args, kwargs), key_from_args(options, name, args, kwargs),
+                                 limit_key_from_args(options, name, args, kwargs))
                                 for args, kwargs in calls]
         self.batch: Batch | None = current_batch()
         # COPY draws ids, copies and notifies in three statements, which must be one transaction.
         self.copy = (len(self.rows) >= COPY_AT and not options.after
-                     and all(key is None for _, _, key in self.rows))
+                     and all(key is None for _, _, key, _ in self.rows))
+        self.trace_context = tracing.carrier() if tracing.ENABLED else None
 
     def steps(self) -> Steps:
         rows, batch = self.rows, self.batch
@@ -158,12 +170,16 @@ class Plan:
         if o.after:
             return (yield from self._insert_after(rows, batch_id))
         if len(rows) == 1:
-            statement = sql.ENQUEUE_ONE if rows[0][2] is None else sql.ENQUEUE_ONE_UNIQUE
-            found = yield Execute(statement, row_params(self.name, o, *rows[0], batch_id))
+            # A keyed job takes the statement with every column; ENQUEUE_ONE has the common ones.
+            statement = sql.ENQUEUE_ONE if rows[0][2] is None and rows[0][3] is None else sql.ENQUEUE_ONE_UNIQUE
+            args_json, kwargs_json, key, limit_key = rows[0]
+            found = yield Execute(statement, row_params(self.name, o, args_json, kwargs_json, key, batch_id, limit_key))
             return [found[0][0] if found else None]
         params = {"queue": o.queue, "priority": o.priority, "task": self.name, "run_at": o.run_at,
                   "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
-                  "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows]}
+                  "trace_context": self.trace_context,
+                  "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows],
+                  "limit_keys": [r[3] for r in rows], "key_limit": o.limit if o.limit_by is not None else None}
         returned_rows = yield Execute(sql.ENQUEUE, params)
         return _line_up(rows, [(job_id, key) for job_id, key, _ in returned_rows or ()])
 
@@ -173,7 +189,7 @@ class Plan:
         assert o.after is not None
         params = {"queue": o.queue, "priority": o.priority, "task": self.name,
                   "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
-                  "after_jobs": list(o.after[0]), "after_batches": list(o.after[1]),
+                  "trace_context": self.trace_context, "after_jobs": list(o.after[0]), "after_batches": list(o.after[1]),
                   "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows]}
         returned_rows = yield Execute(sql.ENQUEUE_AFTER, params)
         for job_id, _, _, unknown in returned_rows or ():
@@ -185,15 +201,22 @@ class Plan:
         """Bulk path: draw the ids first, then COPY the rows in, then one NOTIFY.
 
         COPY cannot return ids, so they come from the table's sequence beforehand. Columns left at
-        their defaults (run_at = now(), no timeout, no batch) are left out of the COPY."""
+        their defaults (run_at = now(), no timeout, no batch, no trace context) are left out of the
+        COPY."""
         o = self.options
         ids: list[int | None] = [r[0] for r in (yield Execute(sql.DRAW_JOB_IDS, (len(rows),))) or ()]
         fixed = {"queue": o.queue, "priority": o.priority, "task": self.name, "max_attempts": o.max_attempts,
-                 "run_at": o.run_at, "timeout": o.timeout, "batch_id": batch_id}
+                 "run_at": o.run_at, "timeout": o.timeout, "batch_id": batch_id,
+                 "trace_context": self.trace_context, "key_limit": o.limit if o.limit_by is not None else None}
         fixed = {k: v for k, v in fixed.items() if v is not None}
         tail = tuple(fixed.values())
-        yield Copy(f"COPY jobs ({', '.join(['id', 'args', 'kwargs', *fixed])}) FROM STDIN",
-                   ((job_id, args, kwargs, *tail) for job_id, (args, kwargs, _) in zip(ids, rows)))
+        if o.limit_by is None:
+            yield Copy(f"COPY jobs ({', '.join(['id', 'args', 'kwargs', *fixed])}) FROM STDIN",
+                       ((job_id, args, kwargs, *tail) for job_id, (args, kwargs, _, _) in zip(ids, rows)))
+        else:
+            yield Copy(f"COPY jobs ({', '.join(['id', 'args', 'kwargs', 'limit_key', *fixed])}) FROM STDIN",
+                       ((job_id, args, kwargs, limit_key, *tail)
+                        for job_id, (args, kwargs, _, limit_key) in zip(ids, rows)))
         yield Execute(sql.NOTIFY_COPY, {"id": ids[0] if ids else None, "queue": o.queue})
         return ids
 
@@ -204,7 +227,7 @@ def _line_up(rows: list[Row], returned_rows: list[tuple[int, str | None]]) -> li
     returned = iter(sorted(returned_rows))
     nxt = next(returned, None)
     result: list[int | None] = []
-    for _, _, key in rows:
+    for _, _, key, _ in rows:
         if nxt is not None and nxt[1] == key:
             result.append(nxt[0])
             nxt = next(returned, None)

@@ -46,18 +46,38 @@ class Job(Base):
     unique_key: Mapped[str | None] = mapped_column(Text)
     batch_id: Mapped[int | None] = mapped_column(BigInteger)
     progress: Mapped[dict | None] = mapped_column(JSONB)
+    # A per-key limit (@job(limit_by=..., limit=N)): at most key_limit jobs with this limit_key run
+    # at once. The key is "task:key", so keys of different tasks never share a limit.
+    limit_key: Mapped[str | None] = mapped_column(Text)
+    key_limit: Mapped[int | None] = mapped_column(Integer)
+    # The OpenTelemetry span context of its enqueue, as the propagator writes it (W3C traceparent by
+    # default), so its attempts join that trace (dj/tracing.py); NULL when enqueued outside a span.
+    trace_context: Mapped[dict | None] = mapped_column(JSONB)
     # True once a job enqueued with after=[this id] waits for it (dj/dependencies.py); NULL otherwise.
     has_dependents: Mapped[bool | None] = mapped_column(Boolean)
 
     __table_args__ = (
         # The claim query's exact shape: equality on queue, then ORDER BY priority, run_at, id,
         # over unlocked, live rows only. Running and dead rows stay out of the index, so it holds
-        # only what a worker may claim, and a claim reads it in order and stops at LIMIT.
+        # only what a worker may claim, and a claim reads it in order and stops at LIMIT. Jobs
+        # with a per-key limit stay out too (jobs_keyed_idx has them): a key at its limit would
+        # otherwise leave its whole backlog in front of every claim, to be read and skipped.
         Index(
             "jobs_claim_idx",
             "queue", "priority", "run_at", "id",
-            postgresql_where=text("locked_by IS NULL AND failed_at IS NULL"),
+            postgresql_where=text("locked_by IS NULL AND failed_at IS NULL AND limit_key IS NULL"),
         ),
+        # Ready jobs with a per-key limit, per queue and key in claim order: a claim finds the keys
+        # of a queue by skipping from one key to the next, and reads each key's head (sql.LOCK_KEYS,
+        # sql.CLAIM).
+        Index(
+            "jobs_keyed_idx",
+            "queue", "limit_key", "priority", "run_at", "id",
+            postgresql_where=text("locked_by IS NULL AND failed_at IS NULL AND limit_key IS NOT NULL"),
+        ),
+        # Running jobs with a per-key limit (few): counted per key by every claim of that key.
+        Index("jobs_keyed_running_idx", "limit_key",
+              postgresql_where=text("locked_by IS NOT NULL AND limit_key IS NOT NULL")),
         # Running jobs (few at a time): counted per queue for concurrency limits, and looked up by
         # worker for crash recovery.
         Index("jobs_running_idx", "queue", "locked_by", postgresql_where=text("locked_by IS NOT NULL")),

@@ -28,22 +28,28 @@ _WAKE_AT = ("{queue} || chr(31) || {priority} || chr(31) || (extract(epoch FROM 
             " || chr(31) || {id}")
 
 
+# The enqueues write trace_context: the OpenTelemetry span context of the enqueue (dj/tracing.py),
+# NULL without one, which a row stores in its null bitmap alone.
+#
 # One job, the common case: a plain VALUES insert, with its NOTIFY riding on RETURNING so that
 # it is sent at commit. Measured: about 90% of a bare INSERT's rate, where ENQUEUE below with one
 # row reaches 68%. A job without a unique key cannot conflict, so this leaves out ON CONFLICT and
 # the speculative insertion PostgreSQL makes for it (4 of the 95 us the server spends).
 ENQUEUE_ONE = """
-INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, batch_id)
+INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, batch_id, trace_context)
 VALUES (%(queue)s, %(priority)s, %(task)s, %(args)s::jsonb, %(kwargs)s::jsonb, coalesce(%(run_at)s, now()),
-        %(max_attempts)s, %(timeout)s, %(batch_id)s)
+        %(max_attempts)s, %(timeout)s, %(batch_id)s, %(trace_context)s::jsonb)
 RETURNING id, pg_notify('""" + NOTIFY_CHANNEL + """', """ + _WAKE_AT.format(queue="%(queue)s", priority="priority", run_at="run_at", id="id") + """)
 """
 
-# One job with a unique key: skipped (no row, so no NOTIFY) while a live job holds the key.
+# One job with a unique key, or a per-key limit (whose jobs all come this way, so that ENQUEUE_ONE
+# stays as short as it is): skipped (no row, so no NOTIFY) while a live job holds the unique key.
 ENQUEUE_ONE_UNIQUE = """
-INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id)
+INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id,
+                  limit_key, key_limit, trace_context)
 VALUES (%(queue)s, %(priority)s, %(task)s, %(args)s::jsonb, %(kwargs)s::jsonb, coalesce(%(run_at)s, now()),
-        %(max_attempts)s, %(timeout)s, %(unique_key)s, %(batch_id)s)
+        %(max_attempts)s, %(timeout)s, %(unique_key)s, %(batch_id)s, %(limit_key)s, %(key_limit)s,
+        %(trace_context)s::jsonb)
 ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND failed_at IS NULL DO NOTHING
 RETURNING id, pg_notify('""" + NOTIFY_CHANNEL + """', """ + _WAKE_AT.format(queue="%(queue)s", priority="priority", run_at="run_at", id="id") + """)
 """
@@ -52,10 +58,13 @@ RETURNING id, pg_notify('""" + NOTIFY_CHANNEL + """', """ + _WAKE_AT.format(queu
 # if a row went in. Rows whose unique key is held by a live job are skipped.
 ENQUEUE = """
 WITH inserted AS (
-    INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id)
+    INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id,
+                      limit_key, key_limit, trace_context)
     SELECT %(queue)s, %(priority)s, %(task)s, t.args::jsonb, t.kwargs::jsonb, coalesce(%(run_at)s, now()),
-           %(max_attempts)s, %(timeout)s, t.unique_key, %(batch_id)s
-    FROM unnest(%(args)s::text[], %(kwargs)s::text[], %(keys)s::text[]) AS t(args, kwargs, unique_key)
+           %(max_attempts)s, %(timeout)s, t.unique_key, %(batch_id)s, t.limit_key, %(key_limit)s,
+           %(trace_context)s::jsonb
+    FROM unnest(%(args)s::text[], %(kwargs)s::text[], %(keys)s::text[], %(limit_keys)s::text[])
+         AS t(args, kwargs, unique_key, limit_key)
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND failed_at IS NULL DO NOTHING
     RETURNING id, unique_key
 ), woken AS (
@@ -104,11 +113,11 @@ WITH job_deps AS (
                      WHERE finished AND dead ORDER BY id LIMIT 1)) AS dead_why
 ), inserted AS (
     INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id,
-                      failed_at, last_error)
+                      failed_at, last_error, trace_context)
     SELECT %(queue)s, %(priority)s, %(task)s, t.args::jsonb, t.kwargs::jsonb,
            CASE WHEN v.dead_why IS NULL AND v.unfinished > 0 THEN timestamptz 'infinity' ELSE now() END,
            %(max_attempts)s, %(timeout)s, t.unique_key, %(batch_id)s,
-           CASE WHEN v.dead_why IS NOT NULL THEN now() END, v.dead_why
+           CASE WHEN v.dead_why IS NOT NULL THEN now() END, v.dead_why, %(trace_context)s::jsonb
     FROM unnest(%(args)s::text[], %(kwargs)s::text[], %(keys)s::text[]) AS t(args, kwargs, unique_key), verdict AS v
     WHERE NOT EXISTS (SELECT FROM unknown)
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND failed_at IS NULL DO NOTHING
@@ -168,6 +177,47 @@ WHERE queue = ANY(%(queues)s::text[]) AND concurrency_limit IS NOT NULL
 ORDER BY queue
 """
 
+# Per-key limits (@job(limit_by=..., limit=N)). A claimer takes a transaction-scoped advisory lock
+# per key, in this statement of its own, before CLAIM counts the key's running jobs: as with
+# LOCK_LIMITED_QUEUES, the count then sees every earlier claim of that key committed, where two
+# claimers counting inside one statement could both see room for the last slot. It only tries
+# each lock: a key that another claimer holds right now is that claimer's to serve, so this one
+# skips it this time instead of waiting behind that whole transaction. Only CLAIM's keyed part
+# sets locked_by on a keyed job, and only for keys in this list, so every claim of a key runs
+# under its lock; everything else about a key's jobs (a completion, a failure, the reaper, a
+# hand-back) only lowers the count, which a stale snapshot can only overstate.
+#
+# Which keys: those with ready jobs in the worker's queues, found by skipping through
+# jobs_keyed_idx from one key to the next (one index probe per key), starting after the last key
+# the worker looked at and taking at most %(max_keys)s per queue, so a claim's cost and lock count
+# stay bounded with many keys, and every key comes round (dj.worker.producer.KEYS_PER_CLAIM).
+# The locked keys go to CLAIM as a transaction-local setting, not a session's state, so this works
+# behind a transaction pooler. Returns the last key looked at, or NULL when the walk reached the end.
+LOCK_KEYS = """
+WITH RECURSIVE walk AS (
+    SELECT q.name AS queue, 1 AS n, (
+        SELECT j.limit_key FROM jobs j
+        WHERE j.queue = q.name AND j.limit_key > coalesce(%(after_key)s, '')
+          AND j.locked_by IS NULL AND j.failed_at IS NULL AND j.limit_key IS NOT NULL
+        ORDER BY j.limit_key LIMIT 1) AS limit_key
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    UNION ALL
+    SELECT w.queue, w.n + 1, (
+        SELECT j.limit_key FROM jobs j
+        WHERE j.queue = w.queue AND j.limit_key > w.limit_key
+          AND j.locked_by IS NULL AND j.failed_at IS NULL AND j.limit_key IS NOT NULL
+        ORDER BY j.limit_key LIMIT 1)
+    FROM walk w WHERE w.limit_key IS NOT NULL AND w.n < %(max_keys)s
+), seen AS (
+    SELECT DISTINCT limit_key FROM walk WHERE limit_key IS NOT NULL
+), locked AS (
+    SELECT limit_key FROM seen WHERE pg_try_advisory_xact_lock(1684761201, hashtext(limit_key))
+)
+SELECT set_config('dj.claim_keys', coalesce((SELECT array_agg(limit_key) FROM locked), '{}')::text, true),
+       CASE WHEN (SELECT max(n) FROM walk WHERE limit_key IS NOT NULL) >= %(max_keys)s
+            THEN (SELECT max(limit_key) FROM seen) END
+"""
+
 # For each of the worker's queues that is not paused, read jobs_claim_idx in (priority, run_at, id)
 # order and lock up to `room` free rows, skipping rows that another worker is locking right now;
 # `room` is the worker's free capacity, cut down to what the queue's concurrency limit leaves.
@@ -186,9 +236,23 @@ ORDER BY queue
 # dj.cursors says when. Claim order is unchanged: a job before the position is either claimed or
 # locked by another worker, or was put there later, which sends the worker back.
 #
+# Jobs with a per-key limit are not in jobs_claim_idx (so `limit_key IS NULL` above, which also
+# lets the planner use that index). They come from `keyed`: for each key LOCK_KEYS locked and each
+# queue, the key's head in jobs_keyed_idx, in claim order, as many as the key has room for: its
+# limit (the one its head job was enqueued with) less its running jobs, counted through
+# jobs_keyed_running_idx. The window then holds a key to its limit across several queues. A key's
+# read always starts at its head, never at the remembered position, so a job held back by its key
+# is never skipped past: it is the first one read when its key has room again. They join the plain
+# candidates in (priority, run_at, id) order under the same LIMIT, so a claim stays one round trip
+# for many jobs, and a key at its limit holds back only its own jobs. A queue's room (its
+# concurrency limit) is shared: the keyed rows take theirs first, the plain read the rest. With no
+# keys (a worker that knows no keyed task never sets dj.claim_keys) all of this reads nothing.
+#
 # It returns args and kwargs as text and run_at as microseconds since the epoch (exact, so the
 # worker can pass a position back; and cheaper to decode than jsonb and timestamptz, see
 # dj.worker.jobs._load_job_json).
+# trace_context (text, decoded only by a worker that traces) is NULL but for jobs enqueued inside
+# an OpenTelemetry span (dj/tracing.py): on the wire that is 4 bytes a row, and nothing is decoded.
 CLAIM = """
 WITH open_queues AS (
     SELECT q.name, q.after_priority,
@@ -204,20 +268,57 @@ WITH open_queues AS (
          AS q(name, after_priority, after_micros, after_id)
     LEFT JOIN queue_settings s ON s.queue = q.name
     WHERE s.paused IS NOT TRUE
-), picked AS (
-    SELECT c.id
+), keys AS (
+    SELECT k.limit_key, (SELECT count(*) FROM jobs r
+                         WHERE r.limit_key = k.limit_key AND r.locked_by IS NOT NULL AND r.failed_at IS NULL
+                        ) AS running
+    FROM unnest(nullif(current_setting('dj.claim_keys', true), '')::text[]) AS k(limit_key)
+), keyed_heads AS (
+    SELECT c.id, c.priority, c.run_at, q.name AS queue, q.room,
+           k.running + row_number() OVER (PARTITION BY k.limit_key ORDER BY c.priority, c.run_at, c.id)
+               <= c.key_limit AS fits
     FROM open_queues AS q
+    CROSS JOIN keys AS k
     CROSS JOIN LATERAL (
-        SELECT id, priority, run_at
+        SELECT id, priority, run_at, key_limit
         FROM jobs
-        WHERE queue = q.name
+        WHERE queue = q.name AND limit_key = k.limit_key
           AND locked_by IS NULL AND failed_at IS NULL
           AND priority BETWEEN %(min_priority)s AND %(max_priority)s
-          AND (priority, run_at, id) > (q.after_priority, q.after_run_at, q.after_id)
           AND run_at <= now()
         ORDER BY priority, run_at, id
-        LIMIT q.room
+        LIMIT least(q.room, greatest(0, (
+            SELECT h.key_limit FROM jobs h
+            WHERE h.queue = q.name AND h.limit_key = k.limit_key
+              AND h.locked_by IS NULL AND h.failed_at IS NULL AND h.limit_key IS NOT NULL
+            ORDER BY h.priority, h.run_at, h.id LIMIT 1) - k.running))
         FOR UPDATE SKIP LOCKED
+    ) AS c
+), keyed AS (
+    -- The keyed rows that fit their key, and the queue's room (its concurrency limit) too.
+    SELECT id, priority, run_at, queue
+    FROM (SELECT h.*, row_number() OVER (PARTITION BY h.queue ORDER BY h.priority, h.run_at, h.id) AS n
+          FROM keyed_heads AS h WHERE h.fits) AS h
+    WHERE n <= room
+), picked AS (
+    SELECT c.id
+    FROM (
+        SELECT c.id, c.priority, c.run_at
+        FROM open_queues AS q
+        CROSS JOIN LATERAL (
+            SELECT id, priority, run_at
+            FROM jobs
+            WHERE queue = q.name
+              AND locked_by IS NULL AND failed_at IS NULL AND limit_key IS NULL
+              AND priority BETWEEN %(min_priority)s AND %(max_priority)s
+              AND (priority, run_at, id) > (q.after_priority, q.after_run_at, q.after_id)
+              AND run_at <= now()
+            ORDER BY priority, run_at, id
+            LIMIT q.room - (SELECT count(*) FROM keyed WHERE keyed.queue = q.name)
+            FOR UPDATE SKIP LOCKED
+        ) AS c
+        UNION ALL
+        SELECT id, priority, run_at FROM keyed
     ) AS c
     ORDER BY c.priority, c.run_at, c.id
     LIMIT %(limit)s
@@ -226,7 +327,8 @@ UPDATE jobs
 SET locked_by = %(worker)s, locked_at = now(), attempts = jobs.attempts + 1
 WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING jobs.id, jobs.task, jobs.args::text, jobs.kwargs::text, jobs.attempts, jobs.max_attempts,
-          jobs.timeout, jobs.queue, jobs.priority, (extract(epoch FROM jobs.run_at) * 1000000)::int8
+          jobs.timeout, jobs.queue, jobs.priority, (extract(epoch FROM jobs.run_at) * 1000000)::int8,
+          jobs.trace_context::text
 """
 
 # Where each open queue's first ready job sits, in claim order, after a given position (as in
@@ -244,6 +346,9 @@ RETURNING jobs.id, jobs.task, jobs.args::text, jobs.kwargs::text, jobs.attempts,
 #   said (see _WAKE_AT and dj.cursors), and which queues were paused (the settings NOTIFY);
 # - the maintenance thread, from the head, at least every second (the probe of dj.cursors): what
 #   no NOTIFY announces, and a job put before the position where no NOTIFY reaches.
+#
+# Jobs with a per-key limit are left out (a held one would wake every worker at every poll, for
+# nothing): behind a pooler without DJ_LISTEN_URL, the worker's own poll interval finds them.
 POLL = """
 SELECT q.name, s.paused IS TRUE, j.priority, (extract(epoch FROM j.run_at) * 1000000)::int8, j.id,
        extract(epoch FROM clock_timestamp() - statement_timestamp())
@@ -254,7 +359,7 @@ LEFT JOIN LATERAL (
     SELECT priority, run_at, id
     FROM jobs
     WHERE queue = q.name
-      AND locked_by IS NULL AND failed_at IS NULL
+      AND locked_by IS NULL AND failed_at IS NULL AND limit_key IS NULL
       AND priority BETWEEN %(min_priority)s AND %(max_priority)s
       AND (priority, run_at, id) > (q.after_priority,
                                     CASE WHEN q.after_micros IS NULL THEN timestamptz '-infinity'
@@ -269,6 +374,39 @@ LEFT JOIN LATERAL (
            WHERE r.queue = q.name AND r.locked_by IS NOT NULL AND r.failed_at IS NULL))
 """
 
+
+# `dj work --burst` asks this before it exits: is a job with a per-key limit ready in its queues?
+# Such a job may be held back only by its key's running jobs (this worker's or another's), and can
+# run once one of them finishes, so the worker waits (for that completion's NOTIFY, or its poll
+# interval) instead of exiting. One probe of jobs_keyed_idx per queue.
+KEYED_WAITING = """
+SELECT EXISTS (
+    SELECT FROM unnest(%(queues)s::text[]) AS q(name)
+    WHERE EXISTS (
+        SELECT FROM jobs
+        WHERE queue = q.name AND limit_key IS NOT NULL
+          AND locked_by IS NULL AND failed_at IS NULL
+          AND priority BETWEEN %(min_priority)s AND %(max_priority)s
+          AND run_at <= now()))
+"""
+
+# For `dj status`, /metrics and the dashboard: the keys at their limit (their running jobs, in
+# jobs_keyed_running_idx, are few) and how many ready jobs each holds back, counted up to 10,000
+# through jobs_keyed_idx, so the cost stays bounded however long a key's backlog is.
+KEYS_AT_LIMIT = """
+SELECT r.limit_key, r.queue, r.running, r.key_limit, (
+    SELECT count(*) FROM (
+        SELECT FROM jobs j
+        WHERE j.queue = r.queue AND j.limit_key = r.limit_key
+          AND j.locked_by IS NULL AND j.failed_at IS NULL AND j.run_at <= now()
+        LIMIT 10000) AS h) AS held
+FROM (SELECT limit_key, min(queue) AS queue, count(*) AS running, min(key_limit) AS key_limit
+      FROM jobs WHERE locked_by IS NOT NULL AND limit_key IS NOT NULL AND failed_at IS NULL
+      GROUP BY limit_key) AS r
+WHERE r.running >= r.key_limit
+ORDER BY held DESC, r.limit_key
+LIMIT %(top)s
+"""
 
 # --- finish an attempt ---------------------------------------------------------------------------
 
@@ -347,11 +485,14 @@ WITH d AS MATERIALIZED (
     USING d
     WHERE jobs.id = ANY(%(ids)s::bigint[])
       AND jobs.id = d.id AND jobs.attempts = d.attempts AND jobs.locked_by IS NOT DISTINCT FROM d.worker
-    RETURNING jobs.queue, jobs.batch_id, d.seconds, CASE WHEN jobs.has_dependents THEN jobs.id END AS dependents_of
+    RETURNING jobs.queue, jobs.batch_id, d.seconds, CASE WHEN jobs.has_dependents THEN jobs.id END AS dependents_of,
+              jobs.limit_key
 ), freed AS (
-    -- A finished job frees a slot of a limited queue: wake the workers that may be waiting for it.
+    -- A finished job frees a slot of a limited queue, or of its key: wake the workers that may be
+    -- waiting for it (a key's held jobs are read from its head, see CLAIM).
     SELECT queue FROM queue_settings
     WHERE concurrency_limit IS NOT NULL AND queue IN (SELECT queue FROM done)
+    UNION SELECT queue FROM done WHERE limit_key IS NOT NULL
 ), """ + _stats_from("done", "succeeded") + """, batch_progress AS (
     UPDATE batches AS b
     SET succeeded = b.succeeded + n.count,
@@ -372,7 +513,8 @@ FROM (SELECT queue FROM callbacks UNION SELECT queue FROM freed UNION SELECT que
 """
 
 # A failed attempt either waits for its retry (run_at moves to the future) or is dead (failed_at).
-# A dead job counts towards its batch like a success does.
+# A dead job counts towards its batch like a success does. A failed job with a per-key limit frees
+# its key's slot: its queue's workers are woken, as COMPLETE does.
 FAIL = """
 WITH f AS MATERIALIZED (  -- the fence: see COMPLETE
     SELECT f.*, %(worker)s::text AS worker
@@ -388,7 +530,8 @@ WITH f AS MATERIALIZED (  -- the fence: see COMPLETE
       AND jobs.id = f.id AND jobs.attempts = f.attempts AND jobs.locked_by IS NOT DISTINCT FROM f.worker
     RETURNING jobs.queue, jobs.batch_id, f.dead, f.seconds,
               CASE WHEN f.dead AND jobs.has_dependents THEN jobs.id END AS dependents_of,
-              CASE WHEN f.dead AND jobs.has_dependents THEN f.error END AS dependents_error
+              CASE WHEN f.dead AND jobs.has_dependents THEN f.error END AS dependents_error,
+              jobs.limit_key
 ), """ + _stats_from("failed", "failed") + """, batch_progress AS (
     UPDATE batches AS b
     SET dead = b.dead + n.count,
@@ -408,7 +551,8 @@ WITH f AS MATERIALIZED (  -- the fence: see COMPLETE
     WHERE j.ids IS NOT NULL OR b.bad IS NOT NULL
 )
 SELECT queue, pg_notify('""" + NOTIFY_CHANNEL + """', queue)
-FROM (SELECT queue FROM callbacks UNION SELECT queue FROM settled) AS wake
+FROM (SELECT queue FROM callbacks UNION SELECT queue FROM settled
+      UNION SELECT queue FROM failed WHERE limit_key IS NOT NULL) AS wake
 """
 
 # Closing a batch fixes its total. If its jobs have all finished already, this is the statement

@@ -19,6 +19,7 @@ from .batches import Batch, current_batch
 from .dependencies import After, BatchRef, split
 from .enqueueing import COPY_AT, MAX_ARGS_BYTES, Call, Plan, arguments_json, row_params, to_json
 from .errors import DJError
+from .tracing import enqueuing
 
 if TYPE_CHECKING:
     from typing_extensions import TypedDict, Unpack
@@ -103,8 +104,21 @@ class Options:
     unique_key: str | None = None
     # How @job(unique=...) derives a key from the arguments: True (all of them) or a function.
     unique: bool | Callable[..., Any] | None = None
+    # A per-key limit: at most `limit` jobs whose `limit_by(*args, **kwargs)` is equal run at once.
+    limit_by: Callable[..., Any] | None = None
+    limit: int | None = None
+
     # Job ids and batch ids the jobs wait for (dj/dependencies.py): using(after=[...]) fills it.
     after: After | None = None
+
+
+def _check_limit(limit_by: Callable[..., Any] | None, limit: int | None) -> None:
+    if limit is not None and limit_by is None:
+        raise ValueError("limit needs limit_by: the function that maps a job's arguments to its key")
+    if limit_by is not None and not callable(limit_by):
+        raise TypeError("limit_by must be a function of the job's arguments")
+    if limit_by is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError("limit must be an integer of at least 1")
 
 
 class Enqueuer(Generic[P, R]):
@@ -117,6 +131,9 @@ class Enqueuer(Generic[P, R]):
 
     def using(self, **changes: Unpack[EnqueueOptions]) -> Enqueuer[P, R]:
         unknown = set(changes) - set(Options.__dataclass_fields__)
+        if {"limit_by", "limit"} & set(changes):
+            # Workers claim keyed jobs only for the tasks they know to have a limit (dj/worker/producer.py).
+            raise TypeError("limit_by and limit belong to the task: set them on @job")
         if unknown:
             raise TypeError(f"unknown enqueue option(s): {', '.join(sorted(unknown))}")
         conn = changes.get("conn")
@@ -128,12 +145,13 @@ class Enqueuer(Generic[P, R]):
             options["after"] = after if after[0] or after[1] else None
         return Enqueuer(self.name, replace(self.options, **options))
 
+    @enqueuing  # a `dj enqueue` span, with the extra dj[otel] (dj/tracing.py)
     def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> int:
         """Insert one job and return its id; if its unique key is held, the holder's id."""
         o = self.options
         if _interceptor is not None:
             return _intercepted(self, [(args, kwargs)], False)[0]
-        if o.unique_key is not None or o.unique or o.after:
+        if o.unique_key is not None or o.unique or o.after or o.limit_by is not None:
             return self._enqueue([(args, kwargs)])[0]
         # The common case, kept short because a web request pays for it: one INSERT that cannot
         # conflict, so none of the holder look-up that unique keys need.
@@ -144,13 +162,14 @@ class Enqueuer(Generic[P, R]):
             batch.total += 1
         return job_id
 
+    @enqueuing
     async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> int:
         """enqueue(), from async code: on this event loop's pool, or in the transaction of an
         async `conn=` (a psycopg AsyncConnection, a SQLAlchemy AsyncSession or AsyncConnection)."""
         o = self.options
         if _interceptor is not None:
             return _intercepted(self, [(args, kwargs)], True)[0]
-        if o.unique_key is not None or o.unique or o.after:
+        if o.unique_key is not None or o.unique or o.after or o.limit_by is not None:
             return (await self._enqueue_async([(args, kwargs)]))[0]
         params, batch = self._one(args, kwargs)
         # Written out rather than through db.borrow_async(): its context manager costs about 1.5 us
@@ -171,10 +190,12 @@ class Enqueuer(Generic[P, R]):
             batch.total += 1
         return job_id
 
+    @enqueuing
     def enqueue_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]]) -> list[int]:
         """Enqueue one job per item, in one round trip. An item is an args tuple or a kwargs dict."""
         return self._enqueue(self._calls(calls))
 
+    @enqueuing
     async def enqueue_many_async(self, calls: Iterable[Sequence[Any] | dict[str, Any]]) -> list[int]:
         """enqueue_many(), from async code (see enqueue_async())."""
         return await self._enqueue_async(self._calls(calls))
@@ -247,24 +268,31 @@ def job(name: Callable[P, R], /) -> Task[P, R]: ...
 @overload
 def job(name: str | None = None, *, queue: str = "default", priority: int = 0, max_attempts: int = 25,
         timeout: float | None = None, unique: bool | Callable[..., Any] | None = None,
-        cron: str | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+        cron: str | None = None, limit_by: Callable[..., Any] | None = None,
+        limit: int | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
 def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", priority: int = 0,
         max_attempts: int = 25, timeout: float | None = None, unique: bool | Callable[..., Any] | None = None,
-        cron: str | None = None,
+        cron: str | None = None, limit_by: Callable[..., Any] | None = None, limit: int | None = None,
         ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Register a function as a job. `name` defaults to `module.function`.
 
     `unique=True` makes jobs with equal arguments unique while one is pending; `unique=fn` uses
     `fn(*args, **kwargs)` as the key.
     `cron="*/5 * * * *"` makes running workers enqueue it, without arguments, once per tick (dj/cron.py).
+    `limit_by=fn, limit=N`: at most N jobs of this task with equal `str(fn(*args, **kwargs))` run at
+    once, over all workers and hosts (N defaults to 1: one at a time per key, in order). See the
+    README, "Limits per key".
     """
     if callable(name):  # used bare, as @job
         return job()(name)
     _check_priority(priority)
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
+    if limit_by is not None and limit is None:
+        limit = 1
+    _check_limit(limit_by, limit)
     if cron is not None:
         from .cron import validate
 
@@ -276,7 +304,8 @@ def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", pri
         if existing is not None and existing.fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"job name {task_name!r} is already registered by {existing.fn!r}")
         task: Task[P, R] = Task(fn, task_name, Options(queue=queue, priority=priority, max_attempts=max_attempts,
-                                            timeout=timeout, unique=unique), cron=cron)
+                                            timeout=timeout, unique=unique, limit_by=limit_by, limit=limit),
+                                  cron=cron)
         _registry[task_name] = task
         return task
 

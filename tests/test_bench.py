@@ -47,6 +47,11 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
     for key in ("without_per_s", "with_per_s", "ratio", "held_s"):
         assert _number(doc["old_snapshot"][key]), key
     assert _number(doc["old_snapshot"]["latency_ms"]["p99"])
+    fair = doc["fairness"]
+    for key in ("b_last_start_s", "b_first_start_s", "a_still_waiting"):
+        assert _number(fair[key]), key
+    assert fair["tenant_a_jobs"] == 10_000 and fair["tenant_b_jobs"] == 100
+    assert 0 <= fair["b_first_start_s"] <= fair["b_last_start_s"]
     for key in ("serial_s", "batched_s", "ratio"):
         assert _number(doc["rebuild"][key]), key
     assert doc["rebuild"]["correct"] is True
@@ -70,6 +75,7 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
     text = console.export_text()
     assert "drain, 2 processes" in text and "latency p50/p95/p99" in text and "rebuild" in text
     assert "old snapshot" in text and "enqueue_async, one per call" in text
+    assert "fairness: last of B's 100 jobs started" in text
 
 
 @pytest.mark.no_database
@@ -105,7 +111,7 @@ def test_only_measures_the_named_sections_and_prints_their_rows(cli, db_url):
     assert set(doc["drain_per_s"]) == {"1"} and _number(doc["drain_per_s"]["1"])
     assert _number(doc["latency_ms"]["p99"])
     for skipped in ("raw_ceiling_per_s", "enqueue_single_per_s", "async_single", "soak", "old_snapshot", "rebuild",
-                    "peers"):
+                    "peers", "fairness"):
         assert skipped not in doc, skipped
     assert doc["config"]["only"] == ["drain", "latency"]
     out = io.StringIO()

@@ -90,6 +90,8 @@ class Jobs:
         _check_driver(o.conn)
         prepared = [(*enqueueing.arguments_json(args, kwargs),
                      enqueueing.key_from_args(o, enqueuer.name, args, kwargs)) for args, kwargs in calls]
+        for args, kwargs in calls:  # a limit_by that raises for these arguments raises here too
+            enqueueing.limit_key_from_args(o, enqueuer.name, args, kwargs)
         now = utcnow()
         run_at = aware(o.run_at) if o.run_at is not None else now
         batch = batches.current_batch()

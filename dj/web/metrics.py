@@ -13,6 +13,8 @@
 | `dj_database_up` | gauge | |
 | `dj_oldest_snapshot_age_seconds` | gauge: age of the oldest snapshot holding back vacuum of jobs (0: none) | |
 | `dj_oldest_snapshot_info` | gauge, 1: the session that holds it | pid, application_name, state |
+| `dj_keys_at_limit` | gauge: keys of per-key limits with as many running jobs as their limit | |
+| `dj_key_held_jobs` | gauge: ready jobs a key at its limit holds back (the 20 keys holding most) | key, queue |
 
 The totals come from job_stats, which keeps 10-second buckets for a day. So that they never go
 down when old buckets are pruned, this process adds up what it sees: the first scrape counts every
@@ -140,6 +142,16 @@ class DJCollector(Collector):
         if snap:
             info.add_metric([str(snap["pid"]), snap["application_name"], snap["state"]], 1)
         yield info
+
+        at_limit = GaugeMetricFamily("dj_keys_at_limit", "Keys of per-key limits with as many running jobs as "
+                                     "their limit (at most the 20 holding back most jobs are counted)")
+        at_limit.add_metric([], len(doc["keys_at_limit"]))
+        yield at_limit
+        held = GaugeMetricFamily("dj_key_held_jobs", "Ready jobs held back by their key's limit (counted to 10,000)",
+                                 labels=["key", "queue"])
+        for k in doc["keys_at_limit"]:
+            held.add_metric([k["key"], k["queue"]], k["held"])
+        yield held
 
 
 def registry(connection: Callable) -> CollectorRegistry:

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .. import tracing
 from ..context import JobContext, _set_current
 from ..errors import Permanent
 from ..task import lookup
@@ -66,6 +67,8 @@ class ThreadExecutor:
         self.flush_at = self.concurrency
 
     def start(self) -> None:
+        if tracing.ENABLED:  # each attempt in a `dj perform` span, if a tracer provider is installed
+            self._execute = tracing.performing(self._execute)  # type: ignore[method-assign,assignment]
         for i in range(self.concurrency):
             self._spawn(self._run_jobs, f"dj-runner-{i}")
 
@@ -134,9 +137,9 @@ class ThreadExecutor:
             task.fn(*job.args, **job.kwargs)
             return Outcome(job)
         except Permanent as exc:
-            return Outcome(job, _describe(exc), dead=True)
+            return Outcome(job, _describe(exc), dead=True, exc=exc)
         except BaseException as exc:  # noqa: BLE001 - a job must never take its thread down
-            return Outcome(job, _describe(exc), dead=job.attempts >= job.max_attempts)
+            return Outcome(job, _describe(exc), dead=job.attempts >= job.max_attempts, exc=exc)
         finally:
             _set_current(None, token)
 
@@ -245,6 +248,8 @@ class AsyncExecutor:
         return self.submitted - self.finished - self.returned
 
     def start(self) -> None:
+        if tracing.ENABLED:  # each attempt in a `dj perform` span, if a tracer provider is installed
+            self._execute = tracing.performing_async(self._execute)  # type: ignore[method-assign,assignment]
         started = threading.Event()
 
         def run_loop() -> None:
@@ -365,9 +370,9 @@ class AsyncExecutor:
             await task.fn(*job.args, **job.kwargs)
             return Outcome(job)
         except Permanent as exc:
-            return Outcome(job, _describe(exc), dead=True)
+            return Outcome(job, _describe(exc), dead=True, exc=exc)
         except BaseException as exc:  # noqa: BLE001 - a job must never take its runner down
-            return Outcome(job, _describe(exc), dead=job.attempts >= job.max_attempts)
+            return Outcome(job, _describe(exc), dead=job.attempts >= job.max_attempts, exc=exc)
         finally:
             _set_current(None, token)
 

@@ -42,6 +42,8 @@ class Claimed:
     run_at: int  # microseconds since the epoch, exact: the claim order and the claim's position need it
     started: float | None = field(default=None)
     finished: bool = field(default=False)
+    trace_context: str | None = field(default=None)  # the enqueue's span context, JSON (dj/tracing.py)
+    span: Any = field(default=None)  # the attempt's `dj perform` span and its start, while it runs
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Outcome:
     error: str | None = None  # None means success
     dead: bool = False
     seconds: float = 0.0  # how long the attempt ran
+    exc: BaseException | None = None  # what the job raised, for its span (dj/tracing.py)
 
 
 @dataclass

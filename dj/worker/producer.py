@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from .. import dependencies, sql
+from .. import dependencies, sql, tracing
 from .. import task as task_mod
 from ..cursors import ClaimCursors
 from .connection import reconnect_delay
@@ -34,6 +34,11 @@ MAX_PREFETCH_PER_THREAD = 128
 # a plan made for the actual arrays (a hash join). Planning costs about 0.4 ms, so small flushes
 # keep the prepared statement and large ones are planned afresh.
 PREPARED_PLAN_MAX_OUTCOMES = 32
+
+# How many keys of per-key limits a claim looks at per queue (sql.LOCK_KEYS): enough for every key
+# of a usual workload in each claim, and a bound on the claim's cost and advisory locks when there
+# are thousands. Past it, successive claims go round the keys, starting after the last one seen.
+KEYS_PER_CLAIM = 50
 
 
 def _prepare(outcomes: list[Outcome]) -> bool | None:
@@ -63,6 +68,11 @@ class Producer:
         # claimed job, so that it does not re-read the dead index entries an old snapshot keeps.
         self.cursors = ClaimCursors(self.queues, w.min_priority)
         self._claim_head, self._claim_started = False, 0.0  # the claim in flight: from a head? since?
+        # Per-key limits: whether a registered task has one (only then does a claim look for keys),
+        # where the next claim's walk over the keys starts, and the walk in flight.
+        self._keyed = False
+        self.key_cursor: str | None = None
+        self._keys_cur: psycopg.Cursor | None = None
         self.paused: set[str] = set()
         self.poll_interval = w.poll_interval
         self.flush_interval = 0.005
@@ -104,7 +114,8 @@ class Producer:
                     # Nothing to run now. A job waiting in our queues for a job that is ready or
                     # running (any queue, any worker) can still be released: then wait for the
                     # NOTIFY of its release (or the poll interval), as an idle worker does.
-                    if not dependencies.releasable(self.conn, self.queues):
+                    # Likewise a job held back by its key's limit, once its key's running job ends.
+                    if not dependencies.releasable(self.conn, self.queues) and not self.keyed_waiting():
                         return
             except psycopg.OperationalError as exc:
                 self.connector.lost(exc, epoch)
@@ -120,6 +131,18 @@ class Producer:
                 # job a missed NOTIFY put before it is the probe's to find (dj/cursors.py).
                 self.more_ready = True
             wake.clear()
+
+    def keyed_waiting(self) -> bool:
+        """Before a burst worker exits: is a job with a per-key limit ready in its queues? Then it
+        can run once its key's running job (here or on another worker) finishes, whose completion
+        NOTIFYs this queue (sql.COMPLETE): so the worker waits for that, or its poll interval, and
+        claims again, instead of exiting. It does not spin: one claim per wake-up."""
+        if not self._keyed:
+            return False
+        w = self.worker
+        row = self.conn.execute(sql.KEYED_WAITING, {"queues": self.queues, "min_priority": w.min_priority,
+                                                    "max_priority": w.max_priority}).fetchone()
+        return bool(row and row[0])
 
     def next_wait(self) -> float:
         if self._results:
@@ -206,9 +229,16 @@ class Producer:
                         "dead": [o.dead for o in bad], "seconds": [o.seconds for o in bad], "worker": self.name},
                         prepare=_prepare(bad)))
         except BaseException:
+            self._keys_cur = None
             results.extendleft(reversed(outcomes))  # record them after reconnecting
             raise
+        if self._keys_cur is not None:
+            row = self._keys_cur.fetchone()
+            self.key_cursor = row[1] if row else None  # None: the walk reached the last key
+            self._keys_cur = None
         self.count(outcomes)
+        if tracing.ENABLED:
+            tracing.finished(outcomes)
         for o in bad:
             if not o.dead:  # its retry waits in its queue; is that before where we read?
                 self.cursors.failed(o.job.queue, o.job.priority)
@@ -226,19 +256,17 @@ class Producer:
         jobs: list[Claimed] = []
         coroutines: list[Claimed] = []
         last = {}
-        if len(task_mod._registry) != self._registry_size:  # tasks registered since the last look
-            self._registry_size = len(task_mod._registry)
-            self._async_tasks = {name for name, t in task_mod.registered().items() if t.is_async}
+        self._look_at_registry()
         async_tasks = self._async_tasks
         if not async_tasks:
             for r in rows:
-                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
+                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], trace_context=r[10])
                 held[job.id] = job
                 jobs.append(job)
                 last[job.queue] = (job.priority, job.run_at, job.id)
         else:
             for r in rows:
-                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
+                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], trace_context=r[10])
                 held[job.id] = job
                 (coroutines if job.task in async_tasks else jobs).append(job)
                 last[job.queue] = (job.priority, job.run_at, job.id)
@@ -250,9 +278,20 @@ class Producer:
             self.async_executor.submit(coroutines)
         return len(rows)
 
+    def _look_at_registry(self) -> None:
+        if len(task_mod._registry) != self._registry_size:  # tasks registered since the last look
+            self._registry_size = len(task_mod._registry)
+            tasks = task_mod.registered().values()
+            self._async_tasks = {t.name for t in tasks if t.is_async}
+            self._keyed = any(t.options.limit_by is not None for t in tasks)
+
     def claim(self, room: int) -> psycopg.Cursor:
         w, conn = self.worker, self.conn
         conn.execute(sql.LOCK_LIMITED_QUEUES, {"queues": self.queues})
+        self._look_at_registry()
+        if self._keyed:  # a worker that knows no task with a per-key limit could not run their jobs
+            self._keys_cur = conn.execute(sql.LOCK_KEYS, {"queues": self.queues, "after_key": self.key_cursor,
+                                                          "max_keys": KEYS_PER_CLAIM})
         after, self._claim_head = self.cursors.params()
         self._claim_started = time.monotonic()
         return conn.execute(sql.CLAIM, {
