@@ -57,6 +57,15 @@ Interceptor = Callable[["Enqueuer[Any, Any]", list[Call]], list[int]]
 _interceptor: Interceptor | None = None
 
 
+def _intercepted(enqueuer: Enqueuer[Any, Any], calls: list[Call], want_async: bool) -> list[int]:
+    """The test mode's answer, after the check production makes of `conn=` before it writes: an
+    async connection given to a sync enqueue (or the reverse) is a TypeError there too."""
+    assert _interceptor is not None
+    if enqueuer.options.conn is not None:
+        connections.check_kind(enqueuer.options.conn, want_async)
+    return _interceptor(enqueuer, calls)
+
+
 def diverted() -> bool:
     """Whether the test mode (dj.testing) is diverting enqueues: then nothing touches a database."""
     return _interceptor is not None
@@ -143,14 +152,14 @@ class Enqueuer(Generic[P, R]):
         """Insert one job and return its id; if its unique key is held, the holder's id."""
         o = self.options
         if _interceptor is not None:
-            return _interceptor(self, [(args, kwargs)])[0]
+            return _intercepted(self, [(args, kwargs)], False)[0]
         if o.unique_key is not None or o.unique or o.after or o.limit_by is not None:
             return self._enqueue([(args, kwargs)])[0]
         # The common case, kept short because a web request pays for it: one INSERT that cannot
         # conflict, so none of the holder look-up that unique keys need.
         params, batch = self._one(args, kwargs)
         with db.borrow(o.conn) as conn:
-            job_id: int = conn.execute(sql.ENQUEUE_ONE, params).fetchone()[0]  # type: ignore[index]
+            job_id: int = db.single_cursor(conn).execute(sql.ENQUEUE_ONE, params).fetchone()[0]  # type: ignore[index]
         if batch:
             batch.total += 1
         return job_id
@@ -161,7 +170,7 @@ class Enqueuer(Generic[P, R]):
         async `conn=` (a psycopg AsyncConnection, a SQLAlchemy AsyncSession or AsyncConnection)."""
         o = self.options
         if _interceptor is not None:
-            return _interceptor(self, [(args, kwargs)])[0]
+            return _intercepted(self, [(args, kwargs)], True)[0]
         if o.unique_key is not None or o.unique or o.after or o.limit_by is not None:
             return (await self._enqueue_async([(args, kwargs)]))[0]
         params, batch = self._one(args, kwargs)
@@ -174,7 +183,9 @@ class Enqueuer(Generic[P, R]):
             pool = db.loop_async_pool() or await db.async_pool()
             conn = await pool.getconn()
             try:
-                job_id = (await (await conn.execute(sql.ENQUEUE_ONE, params)).fetchone())[0]  # type: ignore[index]
+                # The pooled connection's kept cursor (see db.PooledConnection).
+                cur = conn.enqueue_cursor()
+                job_id = (await (await cur.execute(sql.ENQUEUE_ONE, params)).fetchone())[0]  # type: ignore[index]
             finally:
                 await pool.putconn(conn)
         if batch:
@@ -214,7 +225,7 @@ class Enqueuer(Generic[P, R]):
 
     def _enqueue(self, calls: list[Call]) -> list[int]:
         if _interceptor is not None:
-            return _interceptor(self, calls)
+            return _intercepted(self, calls, False)
         plan = self._plan(calls)
         if plan is None:
             return []
@@ -223,7 +234,7 @@ class Enqueuer(Generic[P, R]):
 
     async def _enqueue_async(self, calls: list[Call]) -> list[int]:
         if _interceptor is not None:
-            return _interceptor(self, calls)
+            return _intercepted(self, calls, True)
         plan = self._plan(calls)
         if plan is None:
             return []
