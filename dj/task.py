@@ -19,6 +19,8 @@ from .batches import Batch, current_batch
 from .dependencies import After, BatchRef, split
 from .enqueueing import COPY_AT, MAX_ARGS_BYTES, Call, Plan, arguments_json, row_params, to_json
 from .errors import DJError
+from .rates import Rate
+from .rates import parse as parse_rate
 from .tracing import enqueuing
 
 if TYPE_CHECKING:
@@ -243,8 +245,10 @@ class Enqueuer(Generic[P, R]):
 class Task(Enqueuer[P, R]):
     """A registered job function. Calling it runs the function directly, in this process."""
 
-    def __init__(self, fn: Callable[P, R], name: str, options: Options, cron: str | None = None):
+    def __init__(self, fn: Callable[P, R], name: str, options: Options, cron: str | None = None,
+                 rate: Rate | None = None):
         super().__init__(name, options)
+        self.rate = rate  # @job(rate=...): at most rate.limit claims per rate.period, all hosts (dj/rates.py)
         self.fn = fn
         # A coroutine function: workers run it on their event loop (dj/worker/executor.py), and
         # calling the task returns the coroutine, as calling the function would.
@@ -269,12 +273,13 @@ def job(name: Callable[P, R], /) -> Task[P, R]: ...
 def job(name: str | None = None, *, queue: str = "default", priority: int = 0, max_attempts: int = 25,
         timeout: float | None = None, unique: bool | Callable[..., Any] | None = None,
         cron: str | None = None, limit_by: Callable[..., Any] | None = None,
-        limit: int | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+        limit: int | None = None, rate: str | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
 def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", priority: int = 0,
         max_attempts: int = 25, timeout: float | None = None, unique: bool | Callable[..., Any] | None = None,
         cron: str | None = None, limit_by: Callable[..., Any] | None = None, limit: int | None = None,
+        rate: str | None = None,
         ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Register a function as a job. `name` defaults to `module.function`.
 
@@ -284,6 +289,8 @@ def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", pri
     `limit_by=fn, limit=N`: at most N jobs of this task with equal `str(fn(*args, **kwargs))` run at
     once, over all workers and hosts (N defaults to 1: one at a time per key, in order). See the
     README, "Limits per key".
+    `rate="10/s"` (or N/min, N/h): at most that many of its jobs start in any such window, across
+    all workers and hosts (dj/rates.py).
     """
     if callable(name):  # used bare, as @job
         return job()(name)
@@ -297,6 +304,7 @@ def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", pri
         from .cron import validate
 
         validate(cron)  # ValueError for an expression croniter rejects or that never fires
+    task_rate = None if rate is None else parse_rate(rate)  # ValueError for a bad spec
 
     def register(fn: Callable[P, R]) -> Task[P, R]:
         task_name = name or f"{fn.__module__}.{fn.__qualname__}"
@@ -305,7 +313,7 @@ def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", pri
             raise ValueError(f"job name {task_name!r} is already registered by {existing.fn!r}")
         task: Task[P, R] = Task(fn, task_name, Options(queue=queue, priority=priority, max_attempts=max_attempts,
                                             timeout=timeout, unique=unique, limit_by=limit_by, limit=limit),
-                                  cron=cron)
+                                  cron=cron, rate=task_rate)
         _registry[task_name] = task
         return task
 
