@@ -10,7 +10,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .errors import DJError
-from . import dependencies, history, snapshot, sql
+from . import dependencies, history, rates, snapshot, sql
 from .sql import QUEUE_SETTINGS_CHANNEL
 
 STATES = ("ready", "scheduled", "running", "dead", "waiting")
@@ -86,6 +86,9 @@ def status(conn: psycopg.Connection) -> dict[str, Any]:
         # Added with issue 15: the keys of per-key limits that are at their limit, and the ready
         # jobs each holds back (the most first; at most KEYS_SHOWN keys, `held` counted to 10,000).
         "keys_at_limit": keys_at_limit(conn),
+        # Added with issue 15: every rate limit in force (a queue's, a task's that ran in the last
+        # hour), with the starts its current window has used (dj/rates.py).
+        "rate_limits": rates.usage(conn),
     }
 
 
@@ -209,7 +212,7 @@ def resume_queue(conn: psycopg.Connection, queue: str) -> None:
 
 def queue_settings(conn: psycopg.Connection) -> dict[str, dict[str, Any]]:
     """{queue: {"paused": bool, "concurrency_limit": int | None}} for queues that have a row.
-    A queue without a row is active and unlimited."""
+    A queue without a row is active and unlimited. (Rate limits: dj.rates.queue_rates.)"""
     rows = conn.execute("SELECT queue, paused, concurrency_limit FROM queue_settings ORDER BY queue").fetchall()
     return {q: {"paused": paused, "concurrency_limit": limit} for q, paused, limit in rows}
 

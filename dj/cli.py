@@ -385,6 +385,9 @@ def status(
         if kept["total"]:  # successes kept with keep= (dj jobs list --state succeeded)
             out.print(f"succeeded (kept): {kept['total']} ("
                       + ", ".join(f"{escape(q)} {n}" for q, n in sorted(kept["queues"].items())) + ")")
+        for r in doc["rate_limits"]:
+            out.print(f"rate limit of {r['scope']} {r['name']}: {r['rate']}, {r['used']} used in the current window",
+                      markup=False, soft_wrap=True)
         running = admin.running_progress(conn)
         if running:
             table = Table("job", "task", "worker", "progress", "message", title="progress of running jobs")
@@ -508,6 +511,21 @@ def queue_limit(
     """Cap how many jobs of a queue run at once, across all workers and hosts."""
     admin.set_concurrency_limit(_connect(database_url), name, limit)
     out.print(f"queue {name}: " + (f"at most {limit} running" if limit is not None else "no limit"), markup=False)
+
+
+@queue_app.command("rate")
+def queue_rate(
+    name: Annotated[str, typer.Argument(help="Queue name.")],
+    rate: Annotated[str, typer.Argument(metavar="RATE", help="N/s, N/min or N/h (e.g. 100/min), or off.")],
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Cap how many jobs of a queue start in any window of a second, minute or hour, across all
+    workers and hosts. Jobs held back stay ready, in their place."""
+    from . import rates
+
+    set_to = rates.set_queue_rate(_connect(database_url), name, rate)
+    out.print(f"queue {name}: " + (f"at most {set_to} starts" if set_to is not None else "no rate limit"),
+              markup=False)
 
 
 @batch_app.command("show")

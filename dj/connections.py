@@ -84,6 +84,17 @@ def _driver(obj: object, driver: object, expected: type[C]) -> C:
     return driver
 
 
+def check_kind(obj: object, want_async: bool) -> None:
+    """The TypeError sync_connection() or async_connection() raises for `obj` of the other kind
+    (or of no kind), without touching it: for the test mode (dj.testing), which writes nothing."""
+    if is_async(obj) and not want_async:
+        raise TypeError(f"{_name(obj)} is async: use `await task.using(conn=...).enqueue_async(...)`, "
+                        f"or pass enqueue() {SYNC_KINDS}")
+    if want_async and not is_async(obj):
+        raise TypeError(f"{_name(obj)} is not async: use `task.using(conn=...).enqueue(...)`, "
+                        f"or pass enqueue_async() {ASYNC_KINDS}")
+
+
 def sync_connection(obj: object) -> psycopg.Connection[Any]:
     """The psycopg connection under `obj`, in the transaction `obj` has open (begun, the way
     SQLAlchemy begins one before its first statement, if it has none yet)."""

@@ -18,6 +18,39 @@ from .errors import SchemaMissing
 if TYPE_CHECKING:
     from .connections import Conn
 
+
+
+class PooledConnection(psycopg.Connection[Any]):
+    """A connection of dj's pool, with one cursor kept for single enqueues.
+
+    `conn.execute()` makes a new cursor, and with it a new psycopg Transformer that looks up
+    the dumpers of the parameters and the loaders of the result again: for ENQUEUE_ONE (nine
+    parameters, two result columns) that was about a sixth of the client's instructions per
+    enqueue (callgrind: 310k -> 262k). A cursor that executes the same query object again keeps
+    its Transformer. The connection is used by one caller at a time (getconn to putconn), so
+    its cursor is too."""
+
+    _enqueue_cursor: psycopg.Cursor[Any] | None = None
+
+    def enqueue_cursor(self) -> psycopg.Cursor[Any]:
+        cur = self._enqueue_cursor
+        if cur is None:
+            cur = self._enqueue_cursor = self.cursor()
+        return cur
+
+
+class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
+    """PooledConnection for the async pools."""
+
+    _enqueue_cursor: psycopg.AsyncCursor[Any] | None = None
+
+    def enqueue_cursor(self) -> psycopg.AsyncCursor[Any]:
+        cur = self._enqueue_cursor
+        if cur is None:
+            cur = self._enqueue_cursor = self.cursor()
+        return cur
+
+
 _override: str | None = None
 _embedded_url: str | None = None
 _pools: dict[str, ConnectionPool] = {}
@@ -25,7 +58,7 @@ _pools_lock = threading.Lock()
 # An AsyncConnectionPool belongs to the event loop it was opened on (its lock and its tasks do),
 # so there is one per URL per loop: an app with several loops (a thread each, or pytest-asyncio's
 # loop per test) gets a pool on each.
-_async_pools: dict[tuple[str, asyncio.AbstractEventLoop], AsyncConnectionPool] = {}
+_async_pools: dict[tuple[str, asyncio.AbstractEventLoop], AsyncConnectionPool[AsyncPooledConnection]] = {}
 _async_opening: dict[tuple[str, asyncio.AbstractEventLoop], asyncio.Lock] = {}
 
 
@@ -66,7 +99,7 @@ def pool(url: str | None = None) -> ConnectionPool:
             connect(url).close()  # fail fast with a clear error instead of a pool timeout
             # Autocommit: an enqueue is one pipelined round trip with no BEGIN/COMMIT around it;
             # transaction() opens a real transaction block itself.
-            p = ConnectionPool(url, min_size=1, max_size=10, open=False, name="dj",
+            p = ConnectionPool(url, min_size=1, max_size=10, open=False, name="dj", connection_class=PooledConnection,
                                kwargs={"autocommit": True}, configure=_configure(url))
             # Waiting for the first connection keeps a one-thread enqueuer on one connection: a
             # request made before it is ready grows the pool, and psycopg_pool hands its idle
@@ -118,6 +151,12 @@ def connection(url: str | None = None) -> ContextManager[psycopg.Connection]:
     return _Pooled(pool(url))
 
 
+def single_cursor(conn: psycopg.Connection[Any]) -> psycopg.Cursor[Any]:
+    """Where to run ENQUEUE_ONE: the kept cursor of a connection of dj's pool (see
+    PooledConnection), a new one on a caller's connection."""
+    return conn.enqueue_cursor() if isinstance(conn, PooledConnection) else conn.cursor()
+
+
 def borrow(conn: Conn | None = None, url: str | None = None) -> ContextManager[psycopg.Connection[Any]]:
     """The caller's connection as it is (their transaction decides; see dj/connections.py), or a
     pooled autocommit one. TypeError for an async one."""
@@ -126,7 +165,7 @@ def borrow(conn: Conn | None = None, url: str | None = None) -> ContextManager[p
 
 # --- asyncio ---------------------------------------------------------------------------------------
 
-async def async_pool(url: str | None = None) -> AsyncConnectionPool:
+async def async_pool(url: str | None = None) -> AsyncConnectionPool[AsyncPooledConnection]:
     """This event loop's pool for `url`: the async counterpart of pool()."""
     url = url or database_url()
     key = (url, asyncio.get_running_loop())
@@ -146,6 +185,7 @@ async def async_pool(url: str | None = None) -> AsyncConnectionPool:
                     conn.prepare_threshold = None
 
             p = AsyncConnectionPool(url, min_size=1, max_size=10, open=False, name="dj-async",
+                                    connection_class=AsyncPooledConnection,
                                     kwargs={"autocommit": True}, configure=configure)
             try:
                 await p.open(wait=True, timeout=10)  # see pool() on why it waits
@@ -156,7 +196,7 @@ async def async_pool(url: str | None = None) -> AsyncConnectionPool:
     return p
 
 
-def loop_async_pool(url: str | None = None) -> AsyncConnectionPool | None:
+def loop_async_pool(url: str | None = None) -> AsyncConnectionPool[AsyncPooledConnection] | None:
     """This loop's pool for `url` if it is open already: async_pool() without a coroutine, for
     the hot path."""
     return _async_pools.get((url or database_url(), asyncio.get_running_loop()))

@@ -10,6 +10,7 @@ rows are written once. (A single job without a key has a shorter path in dj/task
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Generator, Iterable, Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -30,6 +31,19 @@ MAX_ARGS_BYTES = 1_000_000
 
 Call = tuple[Sequence[Any], dict[str, Any]]
 Row = tuple[str, str, "str | None", "str | None"]  # args JSON, kwargs JSON, unique key, limit key
+
+
+# A NUL character, as JSON escapes it: an even run of backslashes (escaped backslashes), then \u0000.
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _check_nul(args_json: str, kwargs_json: str) -> None:
+    # PostgreSQL's jsonb cannot hold "\u0000" (it would raise UntranslatableCharacter at the
+    # INSERT); refused here, before any I/O, so the test mode (dj.testing) refuses it alike.
+    for text in (args_json, kwargs_json):
+        if "\\u0000" in text and _NUL.search(text):  # the substring test keeps the common case cheap
+            raise ValueError("job arguments contain a NUL character (\\x00), which PostgreSQL's jsonb cannot "
+                             "store: strip it, or pass binary data base64-encoded")
 
 
 def _check_size(args_json: str, kwargs_json: str) -> None:
@@ -56,6 +70,7 @@ def arguments_json(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, st
     """A job's args and kwargs as JSON, within the size limit."""
     args_json, kwargs_json = to_json(args, "args"), to_json(kwargs, "kwargs")
     _check_size(args_json, kwargs_json)
+    _check_nul(args_json, kwargs_json)
     return args_json, kwargs_json
 
 

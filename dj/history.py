@@ -21,7 +21,7 @@ _COUNTS = "SELECT queue, count(*) FROM job_results GROUP BY queue ORDER BY queue
 
 
 def available(conn: psycopg.Connection) -> bool:
-    """Whether the schema has job_results (it came with migration 0012)."""
+    """Whether the schema has job_results (it came with migration 0013)."""
     return conn.execute("SELECT to_regclass('job_results') IS NOT NULL").fetchone()[0]  # type: ignore[index,no-any-return]
 
 

@@ -165,6 +165,26 @@ class QueueSetting(Base):
     queue: Mapped[str] = mapped_column(Text, primary_key=True)
     paused: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=false())
     concurrency_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # A rate limit: at most rate_limit claims in any rate_period seconds (1, 60 or 3600), all
+    # workers and hosts together; both NULL when the queue has none (dj/rates.py).
+    rate_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rate_period: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class RateStart(Base):
+    """The sliding log of rate limits: `n` jobs of `key` ('queue:NAME' or 'task:NAME') were claimed
+    at `started_at`, one row per claim statement and key. A claim counts the rows of the last
+    period; rows older than that are pruned. `max_starts` and `period` repeat the limit in force,
+    so `dj status` can show a task's limit, which lives in code (@job(rate=...)). See dj/rates.py."""
+
+    __tablename__ = "rate_starts"
+
+    # The primary key is also the window's index: key, then time.
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(TZ, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer, nullable=False)
+    max_starts: Mapped[int] = mapped_column(Integer, nullable=False)
+    period: Mapped[float] = mapped_column(Float, nullable=False)
 
 
 class Batch(Base):

@@ -171,11 +171,23 @@ SELECT pg_notify('""" + NOTIFY_CHANNEL + """', coalesce((
 # Claimers of a queue with a concurrency limit take this lock first, in its own statement, so the
 # CLAIM that follows counts the running jobs with a snapshot taken after the previous claimer
 # committed. Counting inside one statement would let two claimers both see room for the last slot.
+#
+# A queue with a rate limit takes the same lock, for the same reason: the claim counts the starts
+# in the queue's sliding log (rate_starts) and must see every claim committed before it. The second
+# column tells the worker that one of its queues has a rate limit (it then sends RATE_WAIT).
 LOCK_LIMITED_QUEUES = """
-SELECT pg_advisory_xact_lock(1684761200, hashtext(queue))
+SELECT pg_advisory_xact_lock(1684761200, hashtext(queue)), rate_limit IS NOT NULL
 FROM queue_settings
-WHERE queue = ANY(%(queues)s::text[]) AND concurrency_limit IS NOT NULL
+WHERE queue = ANY(%(queues)s::text[]) AND (concurrency_limit IS NOT NULL OR rate_limit IS NOT NULL)
 ORDER BY queue
+"""
+
+# The same for the tasks with @job(rate=...) that the worker knows, after the queues' locks (every
+# worker takes queue locks first, then task locks, each in name order, so none can deadlock).
+LOCK_RATED_TASKS = """
+SELECT pg_advisory_xact_lock(1684761202, hashtext(name))
+FROM unnest(%(rated_tasks)s::text[]) AS name
+ORDER BY name
 """
 
 # Per-key limits (@job(limit_by=..., limit=N)). A claimer takes a transaction-scoped advisory lock
@@ -237,6 +249,16 @@ SELECT set_config('dj.claim_keys', coalesce((SELECT array_agg(limit_key) FROM lo
 # dj.cursors says when. Claim order is unchanged: a job before the position is either claimed or
 # locked by another worker, or was put there later, which sends the worker back.
 #
+# Rate limits (dj/rates.py has the argument): a queue with one gets at most what its sliding log
+# leaves in the last period, `room` cut to `rate_limit - starts since clock.at - rate_period`, and
+# its claims are logged in rate_starts (one row per claim, in `logged`, counted from `picked`: the
+# UPDATE changes every row picked, since the read locked them). A claim is the "start" a
+# rate limit counts, and its time, `clock.at`, is both the log's time and the jobs' locked_at. It is
+# read with clock_timestamp() after the lock (LOCK_LIMITED_QUEUES) was granted, not now() (the
+# transaction's start, before the wait): so the claims of one key get increasing times in lock
+# order, which makes pruning the log safe (RATE_WAIT). A queue without a rate limit pays for one
+# clock read and `logged` joining its claimed rows to no queue.
+#
 # Jobs with a per-key limit are not in jobs_claim_idx (so `limit_key IS NULL` above, which also
 # lets the planner use that index). They come from `keyed`: for each key LOCK_KEYS locked and each
 # queue, the key's head in jobs_keyed_idx, in claim order, as many as the key has room for: its
@@ -257,16 +279,23 @@ SELECT set_config('dj.claim_keys', coalesce((SELECT array_agg(limit_key) FROM lo
 # keep: whether the worker records the success with COMPLETE_KEEP, with the return value,
 # instead of COMPLETE.
 CLAIM = """
-WITH open_queues AS (
+WITH clock AS MATERIALIZED (
+    SELECT clock_timestamp() AS at
+), open_queues AS (
     SELECT q.name, q.after_priority,
            CASE WHEN q.after_micros IS NULL THEN timestamptz '-infinity'
                 ELSE timestamptz 'epoch' + q.after_micros * interval '1 microsecond' END AS after_run_at,
            coalesce(q.after_id, 0) AS after_id,
-           CASE WHEN s.concurrency_limit IS NULL THEN %(limit)s
+           least(CASE WHEN s.concurrency_limit IS NULL THEN %(limit)s
                 ELSE least(%(limit)s, greatest(0, s.concurrency_limit - (
                     SELECT count(*) FROM jobs r
                     WHERE r.queue = q.name AND r.locked_by IS NOT NULL AND r.failed_at IS NULL)))
-           END AS room
+           END,
+           CASE WHEN s.rate_limit IS NOT NULL THEN greatest(0, s.rate_limit - (
+                    SELECT coalesce(sum(r.n), 0) FROM rate_starts r, clock
+                    WHERE r.key = 'queue:' || q.name AND r.started_at > clock.at - s.rate_period * interval '1 second'))
+           END) AS room,
+           s.rate_limit, s.rate_period
     FROM unnest(%(queues)s::text[], %(after_priority)s::int2[], %(after_micros)s::int8[], %(after_id)s::int8[])
          AS q(name, after_priority, after_micros, after_id)
     LEFT JOIN queue_settings s ON s.queue = q.name
@@ -304,9 +333,9 @@ WITH open_queues AS (
           FROM keyed_heads AS h WHERE h.fits) AS h
     WHERE n <= room
 ), picked AS (
-    SELECT c.id
+    SELECT c.id, c.queue
     FROM (
-        SELECT c.id, c.priority, c.run_at
+        SELECT c.id, c.priority, c.run_at, q.name AS queue
         FROM open_queues AS q
         CROSS JOIN LATERAL (
             SELECT id, priority, run_at
@@ -321,17 +350,108 @@ WITH open_queues AS (
             FOR UPDATE SKIP LOCKED
         ) AS c
         UNION ALL
-        SELECT id, priority, run_at FROM keyed
+        SELECT id, priority, run_at, queue FROM keyed
     ) AS c
     ORDER BY c.priority, c.run_at, c.id
     LIMIT %(limit)s
+), logged AS (
+    INSERT INTO rate_starts AS r (key, started_at, n, max_starts, period)
+    SELECT 'queue:' || q.name, (SELECT at FROM clock), count(*), q.rate_limit, q.rate_period
+    FROM open_queues q JOIN picked p ON p.queue = q.name
+    WHERE q.rate_limit IS NOT NULL
+    GROUP BY q.name, q.rate_limit, q.rate_period
+    ON CONFLICT (key, started_at) DO UPDATE SET n = r.n + EXCLUDED.n
 )
 UPDATE jobs
-SET locked_by = %(worker)s, locked_at = now(), attempts = jobs.attempts + 1
+SET locked_by = %(worker)s, locked_at = (SELECT at FROM clock), attempts = jobs.attempts + 1
 WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING jobs.id, jobs.task, jobs.args::text, jobs.kwargs::text, jobs.attempts, jobs.max_attempts,
           jobs.timeout, jobs.queue, jobs.priority, (extract(epoch FROM jobs.run_at) * 1000000)::int8,
           jobs.trace_context::text, jobs.keep
+"""
+
+def _with_task_rates(claim: str) -> str:
+    """CLAIM for a worker that knows tasks with @job(rate=...): CLAIM with three additions, made by
+    replacing exact lines so that CLAIM stays the one text to read and change.
+
+    - `task_rates`: each such task's allowance, counted like a queue's in its sliding log.
+    - Each queue's read skips the jobs of tasks with no allowance left, so they do not block the
+      queue: they stay ready and keep their place, and the worker reads from the head again when
+      a slot frees (dj/rates.py). The read filters on task, which jobs_claim_idx does not hold, so
+      it walks the held jobs' entries: a backlog of a rated task is best kept in its own queue.
+    - `kept` cuts each rated task's rows down to its allowance, in claim order; the rows cut were
+      locked FOR UPDATE by the read and are unlocked at commit, unchanged. `logged_tasks` logs the
+      rest, and `logged` counts the queues' starts from it."""
+    def swap(old: str, new: str) -> None:
+        nonlocal claim
+        assert claim.count(old) == 1, old
+        claim = claim.replace(old, new)
+
+    swap("\n), picked AS (", """
+), task_rates AS (
+    SELECT t.name, t.max_starts, t.period, greatest(0, t.max_starts - (
+               SELECT coalesce(sum(r.n), 0) FROM rate_starts r, clock
+               WHERE r.key = 'task:' || t.name AND r.started_at > clock.at - t.period * interval '1 second')) AS room
+    FROM unnest(%(rated_tasks)s::text[], %(rated_max)s::int[], %(rated_period)s::float8[]) AS t(name, max_starts, period)
+), picked AS (""")
+    swap("AND (priority, run_at, id) > (q.after_priority, q.after_run_at, q.after_id)\n",
+         "AND (priority, run_at, id) > (q.after_priority, q.after_run_at, q.after_id)\n"
+         "              AND task <> ALL(ARRAY(SELECT name FROM task_rates WHERE room = 0))\n")
+    swap("\n), logged AS (", """
+), kept AS (
+    SELECT p.id, p.queue, p.task
+    FROM (SELECT j.id, j.queue, j.task,
+                 row_number() OVER (PARTITION BY j.task ORDER BY j.priority, j.run_at, j.id) AS nth
+          FROM jobs j WHERE j.id = ANY(ARRAY(SELECT id FROM picked))) AS p
+    LEFT JOIN task_rates t ON t.name = p.task
+    WHERE t.room IS NULL OR p.nth <= t.room
+), logged_tasks AS (
+    INSERT INTO rate_starts AS r (key, started_at, n, max_starts, period)
+    SELECT 'task:' || t.name, (SELECT at FROM clock), count(*), t.max_starts, t.period
+    FROM task_rates t JOIN kept p ON p.task = t.name
+    GROUP BY t.name, t.max_starts, t.period
+    ON CONFLICT (key, started_at) DO UPDATE SET n = r.n + EXCLUDED.n
+), logged AS (""")
+    swap("FROM open_queues q JOIN picked p ON p.queue = q.name", "FROM open_queues q JOIN kept p ON p.queue = q.name")
+    swap("WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))", "WHERE jobs.id = ANY(ARRAY(SELECT id FROM kept))")
+    return claim
+
+
+CLAIM_RATED_TASKS = _with_task_rates(CLAIM)
+
+# Sent after the claim, in the same transaction (so under the same locks), by a worker whose
+# queues or tasks have a rate limit. It prunes each key's log of the rows that have left its window,
+# and returns, for each key that has used its whole allowance while ready jobs of it wait in the
+# worker's queues, the seconds until its oldest start in the window leaves it, which frees a slot.
+# The worker sleeps that long instead of polling, and `dj work --burst` does not exit while such a
+# row comes back. Pruning under the lock is safe: claims take their time after the lock (see
+# CLAIM), so no later claim has an earlier time, and a row out of this window is out of theirs.
+RATE_WAIT = """
+WITH keys AS (
+    SELECT 'queue:' || s.queue AS key, s.rate_limit AS max_starts, s.rate_period AS period,
+           s.queue, NULL::text AS task
+    FROM queue_settings s
+    WHERE s.queue = ANY(%(queues)s::text[]) AND s.rate_limit IS NOT NULL AND s.paused IS NOT TRUE
+    UNION ALL
+    SELECT 'task:' || t.name, t.max_starts, t.period, NULL, t.name
+    FROM unnest(%(rated_tasks)s::text[], %(rated_max)s::int[], %(rated_period)s::float8[]) AS t(name, max_starts, period)
+), pruned AS (
+    DELETE FROM rate_starts r USING keys k
+    WHERE r.key = k.key AND r.started_at <= clock_timestamp() - k.period * interval '1 second'
+)
+SELECT extract(epoch FROM min(r.started_at) + k.period * interval '1 second' - clock_timestamp())::float8
+FROM keys k
+JOIN rate_starts r ON r.key = k.key AND r.started_at > clock_timestamp() - k.period * interval '1 second'
+GROUP BY k.key, k.max_starts, k.period, k.queue, k.task
+HAVING sum(r.n) >= k.max_starts AND CASE
+    WHEN k.queue IS NOT NULL THEN EXISTS (
+        SELECT FROM jobs j
+        WHERE j.queue = k.queue AND j.locked_by IS NULL AND j.failed_at IS NULL AND j.run_at <= now())
+    ELSE EXISTS (
+        SELECT FROM jobs j
+        WHERE j.queue = ANY(%(queues)s::text[]) AND j.task = k.task
+          AND j.locked_by IS NULL AND j.failed_at IS NULL AND j.run_at <= now())
+    END
 """
 
 # Where each open queue's first ready job sits, in claim order, after a given position (as in
@@ -775,6 +895,10 @@ DELETE FROM workers WHERE heartbeat_at < now() - %(lock_timeout)s * interval '1 
 """
 
 PRUNE_STATS = "DELETE FROM job_stats WHERE bucket < now() - interval '1 day'"
+
+# The rate log of keys no claim prunes any more (a rate turned off, a task gone): no period is longer
+# than an hour, so older rows count in no window.
+PRUNE_RATE_STARTS = "DELETE FROM rate_starts WHERE started_at < now() - interval '1 hour 1 minute'"
 
 # --- vacuum --------------------------------------------------------------------------------------
 # Every job leaves two dead row versions in jobs (the claim's update and the success's delete) and

@@ -19,6 +19,8 @@ from .batches import Batch, current_batch
 from .dependencies import After, BatchRef, split
 from .enqueueing import COPY_AT, MAX_ARGS_BYTES, Call, Plan, arguments_json, row_params, to_json
 from .errors import DJError
+from .rates import Rate
+from .rates import parse as parse_rate
 from .tracing import enqueuing
 
 if TYPE_CHECKING:
@@ -54,6 +56,15 @@ PRIORITY_MIN, PRIORITY_MAX = -32768, 32767
 # calls here instead of writing to a database, and returns what this returns as the job ids.
 Interceptor = Callable[["Enqueuer[Any, Any]", list[Call]], list[int]]
 _interceptor: Interceptor | None = None
+
+
+def _intercepted(enqueuer: Enqueuer[Any, Any], calls: list[Call], want_async: bool) -> list[int]:
+    """The test mode's answer, after the check production makes of `conn=` before it writes: an
+    async connection given to a sync enqueue (or the reverse) is a TypeError there too."""
+    assert _interceptor is not None
+    if enqueuer.options.conn is not None:
+        connections.check_kind(enqueuer.options.conn, want_async)
+    return _interceptor(enqueuer, calls)
 
 
 def diverted() -> bool:
@@ -157,14 +168,14 @@ class Enqueuer(Generic[P, R]):
         """Insert one job and return its id; if its unique key is held, the holder's id."""
         o = self.options
         if _interceptor is not None:
-            return _interceptor(self, [(args, kwargs)])[0]
+            return _intercepted(self, [(args, kwargs)], False)[0]
         if o.unique_key is not None or o.unique or o.after or o.limit_by is not None:
             return self._enqueue([(args, kwargs)])[0]
         # The common case, kept short because a web request pays for it: one INSERT that cannot
         # conflict, so none of the holder look-up that unique keys need.
         params, batch = self._one(args, kwargs)
         with db.borrow(o.conn) as conn:
-            job_id: int = conn.execute(sql.ENQUEUE_ONE, params).fetchone()[0]  # type: ignore[index]
+            job_id: int = db.single_cursor(conn).execute(sql.ENQUEUE_ONE, params).fetchone()[0]  # type: ignore[index]
         if batch:
             batch.total += 1
         return job_id
@@ -175,7 +186,7 @@ class Enqueuer(Generic[P, R]):
         async `conn=` (a psycopg AsyncConnection, a SQLAlchemy AsyncSession or AsyncConnection)."""
         o = self.options
         if _interceptor is not None:
-            return _interceptor(self, [(args, kwargs)])[0]
+            return _intercepted(self, [(args, kwargs)], True)[0]
         if o.unique_key is not None or o.unique or o.after or o.limit_by is not None:
             return (await self._enqueue_async([(args, kwargs)]))[0]
         params, batch = self._one(args, kwargs)
@@ -188,7 +199,9 @@ class Enqueuer(Generic[P, R]):
             pool = db.loop_async_pool() or await db.async_pool()
             conn = await pool.getconn()
             try:
-                job_id = (await (await conn.execute(sql.ENQUEUE_ONE, params)).fetchone())[0]  # type: ignore[index]
+                # The pooled connection's kept cursor (see db.PooledConnection).
+                cur = conn.enqueue_cursor()
+                job_id = (await (await cur.execute(sql.ENQUEUE_ONE, params)).fetchone())[0]  # type: ignore[index]
             finally:
                 await pool.putconn(conn)
         if batch:
@@ -228,7 +241,7 @@ class Enqueuer(Generic[P, R]):
 
     def _enqueue(self, calls: list[Call]) -> list[int]:
         if _interceptor is not None:
-            return _interceptor(self, calls)
+            return _intercepted(self, calls, False)
         plan = self._plan(calls)
         if plan is None:
             return []
@@ -237,7 +250,7 @@ class Enqueuer(Generic[P, R]):
 
     async def _enqueue_async(self, calls: list[Call]) -> list[int]:
         if _interceptor is not None:
-            return _interceptor(self, calls)
+            return _intercepted(self, calls, True)
         plan = self._plan(calls)
         if plan is None:
             return []
@@ -248,8 +261,10 @@ class Enqueuer(Generic[P, R]):
 class Task(Enqueuer[P, R]):
     """A registered job function. Calling it runs the function directly, in this process."""
 
-    def __init__(self, fn: Callable[P, R], name: str, options: Options, cron: str | None = None):
+    def __init__(self, fn: Callable[P, R], name: str, options: Options, cron: str | None = None,
+                 rate: Rate | None = None):
         super().__init__(name, options)
+        self.rate = rate  # @job(rate=...): at most rate.limit claims per rate.period, all hosts (dj/rates.py)
         self.fn = fn
         # A coroutine function: workers run it on their event loop (dj/worker/executor.py), and
         # calling the task returns the coroutine, as calling the function would.
@@ -274,13 +289,14 @@ def job(name: Callable[P, R], /) -> Task[P, R]: ...
 def job(name: str | None = None, *, queue: str = "default", priority: int = 0, max_attempts: int = 25,
         timeout: float | None = None, unique: bool | Callable[..., Any] | None = None,
         cron: str | None = None, limit_by: Callable[..., Any] | None = None,
-        limit: int | None = None, keep: float | timedelta | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+        limit: int | None = None, rate: str | None = None,
+        keep: float | timedelta | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
 def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", priority: int = 0,
         max_attempts: int = 25, timeout: float | None = None, unique: bool | Callable[..., Any] | None = None,
         cron: str | None = None, limit_by: Callable[..., Any] | None = None, limit: int | None = None,
-        keep: float | timedelta | None = None,
+        rate: str | None = None, keep: float | timedelta | None = None,
         ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Register a function as a job. `name` defaults to `module.function`.
 
@@ -290,6 +306,8 @@ def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", pri
     `limit_by=fn, limit=N`: at most N jobs of this task with equal `str(fn(*args, **kwargs))` run at
     once, over all workers and hosts (N defaults to 1: one at a time per key, in order). See the
     README, "Limits per key".
+    `rate="10/s"` (or N/min, N/h): at most that many of its jobs start in any such window, across
+    all workers and hosts (dj/rates.py).
     `keep=3600` (seconds, or a timedelta) keeps a success that long, with its return value, for
     `dj.result()` and the history (dj/results.py); by default a success is deleted.
     """
@@ -306,6 +324,7 @@ def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", pri
         from .cron import validate
 
         validate(cron)  # ValueError for an expression croniter rejects or that never fires
+    task_rate = None if rate is None else parse_rate(rate)  # ValueError for a bad spec
 
     def register(fn: Callable[P, R]) -> Task[P, R]:
         task_name = name or f"{fn.__module__}.{fn.__qualname__}"
@@ -315,7 +334,7 @@ def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", pri
         task: Task[P, R] = Task(fn, task_name, Options(queue=queue, priority=priority, max_attempts=max_attempts,
                                             timeout=timeout, unique=unique, limit_by=limit_by, limit=limit,
                                             keep=keep_s),
-                                  cron=cron)
+                                  cron=cron, rate=task_rate)
         _registry[task_name] = task
         return task
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Before dj is imported: subprocesses (workers, the CLI) inherit all of this.
 os.environ.setdefault("DJ_HOME", str(Path(tempfile.gettempdir()) / "dj-test-home"))
-os.environ["DJ_TASKS"] = "tests.support_jobs,tests.support_async"
+os.environ["DJ_TASKS"] = "tests.support_jobs,tests.support_async,tests.support_rates"
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 from dj import db  # noqa: E402

@@ -1,5 +1,6 @@
 """Enqueueing through the Python API: rows, options, transactions, validation and NOTIFY."""
 
+import asyncio
 from datetime import datetime, timedelta, timezone
 
 import psycopg
@@ -59,6 +60,22 @@ def test_arguments_over_the_size_limit_are_refused_and_write_nothing(unreachable
         record.enqueue_many([(1,), (big,)])
     with pytest.raises(dj.DatabaseUnavailable):
         record.enqueue("x" * (dj.task.MAX_ARGS_BYTES // 2))  # under the limit: accepted
+
+
+def test_a_nul_character_is_refused_before_any_io(unreachable_database):
+    """PostgreSQL's jsonb cannot store NUL (it would raise UntranslatableCharacter at the INSERT);
+    dj refuses it before any I/O, with the ValueError the test mode raises too (test_testing.py)."""
+    with pytest.raises(ValueError, match="NUL character"):
+        record.enqueue("a\x00b")
+    with pytest.raises(ValueError, match="NUL character"):
+        record.enqueue_many([(1,), ({"k\x00": 1},)])
+    with pytest.raises(ValueError, match="NUL character"):
+        asyncio.run(record.enqueue_async(marker="\x00"))
+
+
+def test_a_backslash_before_u0000_is_stored_as_it_is(conn):
+    job_id = record.enqueue("\\u0000")
+    assert conn.execute("SELECT args FROM jobs WHERE id = %s", (job_id,)).fetchone()[0] == ["\\u0000"]
 
 
 def test_enqueue_in_a_rolled_back_transaction_leaves_no_job(db_url, conn):

@@ -362,6 +362,48 @@ def test_an_enqueue_in_the_callers_transaction_is_captured_without_touching_it(d
     assert len(dj_jobs.jobs) == 3
 
 
+def test_a_connection_of_the_wrong_kind_is_refused_as_in_production(dj_jobs):
+    """An AsyncSession given to enqueue() (or a Session to enqueue_async()) is the TypeError the
+    real path raises, so a test catches the bug; nothing is recorded and no connection is made."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+    from sqlalchemy.orm import Session
+
+    async_engine = create_async_engine("postgresql+psycopg://nobody@127.0.0.1:1/nothing")
+    async_session = AsyncSession(async_engine)
+    with pytest.raises(TypeError, match="is async: use `await task.using"):
+        tm_record.using(conn=async_session).enqueue("x")
+    with pytest.raises(TypeError, match="is async"):
+        tm_record.using(conn=async_session).enqueue_many([("x",)])
+    with pytest.raises(TypeError, match="is async"):
+        tm_unique.using(conn=async_session).enqueue("x")
+
+    async def main():
+        with Session(create_engine("postgresql+psycopg://nobody@127.0.0.1:1/nothing")) as session:
+            with pytest.raises(TypeError, match="is not async: use `task.using"):
+                await tm_record.using(conn=session).enqueue_async("x")
+            with pytest.raises(TypeError, match="is not async"):
+                await tm_record.using(conn=session).enqueue_many_async([("x",)])
+        await async_session.close()
+        await async_engine.dispose()
+
+    asyncio.run(main())
+    assert dj_jobs.jobs == []
+
+
+@pytest.mark.parametrize("args, kwargs", [(["a\x00b"], {}), ([], {"k": ["\x00"]}), ([{"key\x00": 1}], {})])
+def test_a_nul_character_is_refused_as_in_production(dj_jobs, args, kwargs):
+    """PostgreSQL's jsonb cannot store NUL; the real path refuses it with this ValueError before it
+    writes (test_enqueue.py), and so does the test mode. A backslash followed by "u0000" is fine."""
+    with pytest.raises(ValueError, match="NUL character"):
+        tm_record.enqueue(*args, **kwargs)
+    with pytest.raises(ValueError, match="NUL character"):
+        tm_record.enqueue_many([("fine",), kwargs or tuple(args)])
+    assert dj_jobs.jobs == []
+    tm_record.enqueue("\\u0000")
+    assert dj_jobs.jobs[0].args == ["\\u0000"]
+
+
 # --- inline --------------------------------------------------------------------------------------
 
 

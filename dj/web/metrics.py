@@ -6,6 +6,8 @@
 | `dj_jobs_retrying` | gauge (ready or scheduled jobs that failed before) | queue |
 | `dj_queue_oldest_ready_age_seconds` | gauge | queue |
 | `dj_queue_paused` | gauge (1 paused, 0 active) | queue |
+| `dj_rate_limit`, `dj_rate_limit_period_seconds` | gauge: at most this many starts per period | scope (queue, task), name |
+| `dj_rate_limit_used` | gauge: starts in the current window (the period up to now) | scope, name |
 | `dj_jobs_succeeded_total`, `dj_jobs_failed_total` | counter | queue |
 | `dj_job_run_seconds` | histogram of attempts' run time | queue |
 | `dj_workers` | gauge | |
@@ -108,6 +110,18 @@ class DJCollector(Collector):
         yield retrying
         yield oldest
         yield paused
+
+        rate = GaugeMetricFamily("dj_rate_limit", "Most starts (claims) per period", labels=["scope", "name"])
+        period = GaugeMetricFamily("dj_rate_limit_period_seconds", "The rate limit's period",
+                                   labels=["scope", "name"])
+        used = GaugeMetricFamily("dj_rate_limit_used", "Starts in the current window", labels=["scope", "name"])
+        for r in doc["rate_limits"]:
+            rate.add_metric([r["scope"], r["name"]], r["limit"])
+            period.add_metric([r["scope"], r["name"]], r["period_s"])
+            used.add_metric([r["scope"], r["name"]], r["used"])
+        yield rate
+        yield period
+        yield used
 
         succeeded = CounterMetricFamily("dj_jobs_succeeded", "Job attempts that succeeded", labels=["queue"])
         failed = CounterMetricFamily("dj_jobs_failed", "Job attempts that failed (retried or dead)",

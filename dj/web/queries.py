@@ -44,13 +44,17 @@ def per_minute(conn: psycopg.Connection) -> list[tuple[int, int]]:
 
 
 def overview(conn: psycopg.Connection) -> dict[str, Any]:
-    """dj.admin.status plus, per queue, whether it is paused. A paused queue with no jobs is listed."""
+    """dj.admin.status plus, per queue, whether it is paused and its rate limit ("100/min", None)
+    with the starts its current window used. A queue with settings and no jobs is listed."""
     doc = admin.status(conn)
     settings = admin.queue_settings(conn)
+    rates = {r["name"]: r for r in doc["rate_limits"] if r["scope"] == "queue"}
     queues = []
     for name in sorted(set(doc["queues"]) | set(settings)):
         counts = doc["queues"].get(name, _ZERO_COUNTS)
-        queues.append({"name": name, **counts, "paused": settings.get(name, {}).get("paused", False)})
+        rate = rates.get(name)
+        queues.append({"name": name, **counts, "paused": settings.get(name, {}).get("paused", False),
+                       "rate": rate["rate"] if rate else None, "rate_used": rate["used"] if rate else None})
     return {**doc, "queues": queues}
 
 

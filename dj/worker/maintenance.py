@@ -94,6 +94,7 @@ class Maintenance:
                 conn.execute(sql.NOTIFY, (queue,))
         conn.execute(sql.FORGET_STALE_WORKERS, params)
         conn.execute(sql.PRUNE_STATS)
+        conn.execute(sql.PRUNE_RATE_STARTS)
 
     def maybe_probe(self, conn: psycopg.Connection) -> None:
         """Read each queue from its head, if the cursors' probe is due, and wake the main loop if a

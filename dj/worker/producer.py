@@ -35,6 +35,9 @@ MAX_PREFETCH_PER_THREAD = 128
 # keep the prepared statement and large ones are planned afresh.
 PREPARED_PLAN_MAX_OUTCOMES = 32
 
+# How long after a rate window frees a slot the worker claims again (sql.RATE_WAIT): the server's
+# clock and the worker's monotonic one agree only to within a round trip.
+RATE_WAKE_SLACK = 0.005
 # How many keys of per-key limits a claim looks at per queue (sql.LOCK_KEYS): enough for every key
 # of a usual workload in each claim, and a bound on the claim's cost and advisory locks when there
 # are thousands. Past it, successive claims go round the keys, starting after the last one seen.
@@ -74,6 +77,15 @@ class Producer:
         self.key_cursor: str | None = None
         self._keys_cur: psycopg.Cursor | None = None
         self.paused: set[str] = set()
+        # Rate limits (dj/rates.py): whether one of our queues has one (the last claim's lock said
+        # so), the tasks with @job(rate=...) we know (as CLAIM_RATED_TASKS' parameters), and when a
+        # used-up key frees a slot while its jobs wait (monotonic; None: no such key).
+        self.rated_queues = False
+        self.rate_wake_at: float | None = None
+        self._rated: dict[str, list[Any]] = {"rated_tasks": [], "rated_max": [], "rated_period": []}
+        self._rated_size = -1
+        self._lock_cur: psycopg.Cursor | None = None
+        self._rate_cur: psycopg.Cursor | None = None
         self.poll_interval = w.poll_interval
         self.flush_interval = 0.005
         # Jobs claimed ahead of free threads, so that one claim round trip serves many jobs. By
@@ -101,6 +113,12 @@ class Producer:
         failures = 0
         epoch: int | None = self.connector.epoch  # see Connector.lost
         while not stopping.is_set():
+            if self.rate_wake_at is not None and time.monotonic() >= self.rate_wake_at:
+                # A rate-limited key frees a slot now. Read from the head: a task's held jobs may
+                # sit before where our last claim stopped (the claim skipped them).
+                self.rate_wake_at = None
+                self.more_ready = True
+                self.cursors.rescan()
             try:
                 executor.enforce_timeouts()
                 if self.paused:
@@ -110,7 +128,8 @@ class Producer:
                 claimed = self.cycle()
                 self.maybe_summarise()
                 failures = 0
-                if burst and not claimed and not self._held and not self._results and not self.more_ready:
+                if (burst and not claimed and not self._held and not self._results and not self.more_ready
+                        and self.rate_wake_at is None):  # else rate-held jobs remain: wait for their slot
                     # Nothing to run now. A job waiting in our queues for a job that is ready or
                     # running (any queue, any worker) can still be released: then wait for the
                     # NOTIFY of its release (or the poll interval), as an idle worker does.
@@ -147,7 +166,10 @@ class Producer:
     def next_wait(self) -> float:
         if self._results:
             return self.flush_interval
-        return self.executor.next_wait(self.poll_interval)
+        wait = self.executor.next_wait(self.poll_interval)
+        if self.rate_wake_at is not None:
+            wait = min(wait, max(0.001, self.rate_wake_at - time.monotonic()))
+        return wait
 
     def reconnect(self) -> int | None:
         """Replace the main connection; returns its epoch (see Connector.lost), None if the database
@@ -257,6 +279,7 @@ class Producer:
         if cur is None:
             self.more_ready = self.more_ready or woke
             return 0
+        self.read_rates()
         rows = cur.fetchall()
         if len(rows) == room or woke:
             self.more_ready = True
@@ -296,16 +319,45 @@ class Producer:
 
     def claim(self, room: int) -> psycopg.Cursor:
         w, conn = self.worker, self.conn
-        conn.execute(sql.LOCK_LIMITED_QUEUES, {"queues": self.queues})
+        self._lock_cur = conn.execute(sql.LOCK_LIMITED_QUEUES, {"queues": self.queues})
+        rated = self.rated_tasks()
+        if rated["rated_tasks"]:
+            conn.execute(sql.LOCK_RATED_TASKS, rated)
         self._look_at_registry()
         if self._keyed:  # a worker that knows no task with a per-key limit could not run their jobs
             self._keys_cur = conn.execute(sql.LOCK_KEYS, {"queues": self.queues, "after_key": self.key_cursor,
                                                           "max_keys": KEYS_PER_CLAIM})
         after, self._claim_head = self.cursors.params()
         self._claim_started = time.monotonic()
-        return conn.execute(sql.CLAIM, {
+        cur = conn.execute(sql.CLAIM_RATED_TASKS if rated["rated_tasks"] else sql.CLAIM, {
             "queues": self.queues, "min_priority": w.min_priority, "max_priority": w.max_priority,
-            "limit": room, "worker": self.name, **after})
+            "limit": room, "worker": self.name, **after, **(rated if rated["rated_tasks"] else {})})
+        self._rate_cur = None
+        if rated["rated_tasks"] or self.rated_queues:
+            self._rate_cur = conn.execute(sql.RATE_WAIT, {"queues": self.queues, **rated})
+        return cur
+
+    def rated_tasks(self) -> dict[str, list[Any]]:
+        """The registered tasks with @job(rate=...), as the parameters of the rate statements."""
+        registry = task_mod._registry
+        if len(registry) != self._rated_size:
+            self._rated_size = len(registry)
+            rated = sorted((name, t.rate) for name, t in registry.items() if t.rate is not None)
+            self._rated = {"rated_tasks": [n for n, _ in rated], "rated_max": [r.limit for _, r in rated],
+                           "rated_period": [r.period for _, r in rated]}
+        return self._rated
+
+    def read_rates(self) -> None:
+        """After a claim: note whether our queues have rate limits, and when a used-up one frees."""
+        rated_queues = any(r[1] for r in self._lock_cur.fetchall()) if self._lock_cur is not None else False
+        if self._rate_cur is not None:
+            waits = [r[0] for r in self._rate_cur.fetchall()]
+            # A little after the oldest start leaves the window, so the claim then finds it gone.
+            self.rate_wake_at = time.monotonic() + max(0.0, min(waits)) + RATE_WAKE_SLACK if waits else None
+        elif rated_queues:  # a rate limit we did not know of: claim again at once, this time with RATE_WAIT
+            self.rate_wake_at = time.monotonic()
+        self.rated_queues = rated_queues
+        self._lock_cur = self._rate_cur = None
 
     def count(self, outcomes: list[Outcome]) -> None:
         counts, held = self.counts, self._held

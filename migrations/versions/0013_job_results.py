@@ -1,15 +1,15 @@
 """Kept successes: jobs.keep and the job_results table
 
-Revision ID: 0012_job_results
-Revises: 0011_limit_keys
+Revision ID: 0013_job_results
+Revises: 0012_rate_limits
 """
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql as pg
 
-revision = "0012_job_results"
-down_revision = "0011_limit_keys"
+revision = "0013_job_results"
+down_revision = "0012_rate_limits"
 branch_labels = None
 depends_on = None
 
