@@ -16,7 +16,8 @@ _EXPORTS = {
     "JobContext": "context", "current_job": "context",
     "connect": "db", "connection": "db", "database_url": "db", "transaction": "db", "use_database": "db",
     "DatabaseUnavailable": "errors", "DJError": "errors", "Permanent": "errors", "SchemaMissing": "errors",
-    "WorkFailed": "errors",
+    "WorkFailed": "errors", "JobDead": "errors", "ResultError": "errors", "ResultNotKept": "errors",
+    "result": "results", "result_async": "results",
     "run_workers": "supervisor",
     "Task": "task", "enqueue": "task", "job": "task",
     "Worker": "worker",
@@ -29,7 +30,9 @@ if TYPE_CHECKING:
     from .dependencies import BatchRef, UnknownDependency
     from .context import JobContext, current_job
     from .db import connect, connection, database_url, transaction, use_database
-    from .errors import DatabaseUnavailable, DJError, Permanent, SchemaMissing, WorkFailed
+    from .errors import DatabaseUnavailable, DJError, JobDead, Permanent, ResultError, ResultNotKept, SchemaMissing, \
+        WorkFailed
+    from .results import result, result_async
     from .supervisor import run_workers
     from .task import Task, enqueue, job
     from .worker import Worker
@@ -61,9 +64,11 @@ def migrate(url: str | None = None) -> str:
 
 
 __all__ = [
-    "Batch", "BatchRef", "DJError", "DatabaseUnavailable", "JobContext", "Permanent", "SchemaMissing", "Task", "Worker", "WorkFailed",
+    "Batch", "BatchRef", "DJError", "DatabaseUnavailable", "JobContext", "JobDead", "Permanent", "ResultError",
+    "ResultNotKept", "SchemaMissing", "Task", "Worker", "WorkFailed",
     "batch", "batches", "connect", "connection", "current_batch", "current_job", "database_url", "enqueue", "job",
-    "migrate", "run_workers", "status", "testing", "transaction", "UnknownDependency", "use_database",
+    "migrate", "result", "result_async", "run_workers", "status", "testing", "transaction", "UnknownDependency",
+    "use_database",
 ]
 
 

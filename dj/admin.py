@@ -10,10 +10,12 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .errors import DJError
-from . import dependencies, rates, snapshot, sql
+from . import dependencies, history, rates, snapshot, sql
 from .sql import QUEUE_SETTINGS_CHANNEL
 
 STATES = ("ready", "scheduled", "running", "dead", "waiting")
+# What `dj jobs list --state` takes: the states of jobs, and kept successes (dj/history.py).
+LIST_STATES = (*STATES, history.STATE)
 
 # The states are disjoint; this is the one place that defines them. A waiting job's dependencies
 # have not all succeeded yet (dj/dependencies.py): it sits at run_at 'infinity' until they have.
@@ -79,6 +81,8 @@ def status(conn: psycopg.Connection) -> dict[str, Any]:
         "throughput": {"succeeded_last_minute": succeeded, "failed_last_minute": failed},
         # Added with issue 12: the session whose snapshot holds back vacuum of jobs, or null.
         "oldest_snapshot": snapshot.oldest(conn),
+        # Added with issue 15: kept successes (jobs enqueued with keep=) not pruned yet.
+        "succeeded": _succeeded(conn),
         # Added with issue 15: the keys of per-key limits that are at their limit, and the ready
         # jobs each holds back (the most first; at most KEYS_SHOWN keys, `held` counted to 10,000).
         "keys_at_limit": keys_at_limit(conn),
@@ -86,6 +90,11 @@ def status(conn: psycopg.Connection) -> dict[str, Any]:
         # hour), with the starts its current window has used (dj/rates.py).
         "rate_limits": rates.usage(conn),
     }
+
+
+def _succeeded(conn: psycopg.Connection) -> dict[str, Any]:
+    by_queue = history.counts(conn)
+    return {"total": sum(by_queue.values()), "queues": by_queue}
 
 
 KEYS_SHOWN = 20
@@ -103,9 +112,13 @@ def list_jobs(conn: psycopg.Connection, state: str | None = None, queue: str | N
     """Jobs in id order. `after_id` / `before_id` page forwards / backwards (keyset paging)."""
     where: list[str] = []
     params: list[Any] = []
+    if limit < 1:
+        raise DJError("--limit must be a positive integer")
+    if state == history.STATE:
+        return history.list_results(conn, queue, task, limit, after_id=after_id, before_id=before_id)
     if state is not None:
         if state not in STATE_SQL:
-            raise DJError(f"unknown state {state!r}; choose one of {', '.join(STATES)}")
+            raise DJError(f"unknown state {state!r}; choose one of {', '.join(LIST_STATES)}")
         where.append(STATE_SQL[state])
     if queue is not None:
         where.append("queue = %s")
@@ -138,7 +151,11 @@ def get_job(conn: psycopg.Connection, job_id: int) -> dict[str, Any]:
         row = cur.execute(f"SELECT {_COLUMNS}, {_state_expr()} AS state FROM jobs WHERE id = %s",
                           (job_id,)).fetchone()
     if row is None:
-        raise DJError(f"no job {job_id} (finished jobs are deleted)")
+        row = history.get_result(conn, job_id)
+        if row is None:
+            raise DJError(f"no job {job_id} (finished jobs are deleted, unless kept with keep= until it runs out)")
+        row["waits_for"] = []  # it succeeded: whatever it waited for had succeeded
+        return row
     row["waits_for"] = dependencies.waits_for(conn, job_id)
     return row
 
@@ -153,7 +170,8 @@ def retry(conn: psycopg.Connection, job_id: int) -> None:
         if row is not None:
             conn.execute("DELETE FROM job_dependencies WHERE job_id = %s", (job_id,))
     if row is None:
-        get_job(conn, job_id)  # raises if missing
+        if get_job(conn, job_id)["state"] == history.STATE:  # raises if missing
+            raise DJError(f"job {job_id} succeeded; enqueue it again instead")
         raise DJError(f"job {job_id} is running; it cannot be retried now")
     conn.execute(sql.NOTIFY, (row[0],))
 
@@ -171,7 +189,8 @@ def retry_dead(conn: psycopg.Connection, queue: str | None = None) -> int:
 def cancel(conn: psycopg.Connection, job_id: int) -> None:
     """Delete a job that is not running. A job of a batch counts towards it as dead."""
     if conn.execute(sql.CANCEL, {"id": job_id}).fetchone()[0] == 0:
-        get_job(conn, job_id)
+        if get_job(conn, job_id)["state"] == history.STATE:
+            raise DJError(f"job {job_id} succeeded already; it is kept until its keep runs out")
         raise DJError(f"job {job_id} is running; it cannot be cancelled")
 
 

@@ -381,6 +381,10 @@ def status(
     if not watch:
         doc = admin.status(conn)
         out.print(_status_table(doc))
+        kept = doc["succeeded"]
+        if kept["total"]:  # successes kept with keep= (dj jobs list --state succeeded)
+            out.print(f"succeeded (kept): {kept['total']} ("
+                      + ", ".join(f"{escape(q)} {n}" for q, n in sorted(kept["queues"].items())) + ")")
         for r in doc["rate_limits"]:
             out.print(f"rate limit of {r['scope']} {r['name']}: {r['rate']}, {r['used']} used in the current window",
                       markup=False, soft_wrap=True)
@@ -405,15 +409,25 @@ def status(
 
 @jobs_app.command("list")
 def jobs_list(
-    state: Annotated[Optional[str], typer.Option("--state", help="ready, scheduled, running, dead or waiting.")] = None,
+    state: Annotated[Optional[str], typer.Option(
+        "--state", help="ready, scheduled, running, dead, waiting, or succeeded (successes kept with keep=).")] = None,
     queue: Annotated[Optional[str], typer.Option("--queue", "-q")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="Only this task (a % matches any text).")] = None,
     limit: Annotated[int, typer.Option("--limit", help="Rows to show.")] = 50,
     database_url: DatabaseUrl = None,
 ) -> None:
     """List jobs, oldest first."""
-    if state is not None and state not in admin.STATES:
-        raise DJError(f"unknown state {state!r}; choose one of {', '.join(admin.STATES)}")
-    rows = admin.list_jobs(_connect(database_url), state=state, queue=queue, limit=limit)
+    if state is not None and state not in admin.LIST_STATES:
+        raise DJError(f"unknown state {state!r}; choose one of {', '.join(admin.LIST_STATES)}")
+    rows = admin.list_jobs(_connect(database_url), state=state, queue=queue, limit=limit, task=task)
+    if state == "succeeded":
+        table = Table("id", "queue", "task", "attempts", "finished", "run time", "result")
+        for r in rows:
+            shown = json.dumps(r["result"]) if r["result_error"] is None else f"(not kept: {r['result_error']})"
+            table.add_row(str(r["id"]), escape(r["queue"]), escape(r["task"]), str(r["attempts"]),
+                          f"{r['finished_at']:%Y-%m-%d %H:%M:%S}", f"{r['run_seconds']:.3f}s", escape(shown[:60]))
+        out.print(table)
+        return
     table = Table("id", "state", "queue", "pri", "task", "attempts", "run_at", "last error")
     for r in rows:
         error = (r["last_error"] or "").strip().splitlines()
@@ -430,7 +444,7 @@ def jobs_show(job_id: Annotated[int, typer.Argument(metavar="ID")], database_url
     """Show every field of one job, including its last error."""
     row = admin.get_job(_connect(database_url), job_id)
     for key, value in row.items():
-        if key in ("args", "kwargs"):
+        if key in ("args", "kwargs", "result"):
             value = json.dumps(value)
         elif key == "waits_for":
             value = ", ".join(f"job {d['job']} ({d['state']})" if "job" in d else f"batch {d['batch']} ({d['state']})"
@@ -658,7 +672,7 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="A small run, well under a minute.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     only: Annotated[Optional[str], typer.Option("--only", help="Measure only these sections, comma-separated: "
-                                                "bulk, single, drain, latency, soak, old-snapshot, fairness, rebuild, peers.")
+                                                "bulk, single, drain, keep, latency, soak, old-snapshot, fairness, rebuild, peers.")
                     ] = None,
     database_url: DatabaseUrl = None,
 ) -> None:

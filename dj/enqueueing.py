@@ -100,7 +100,7 @@ def row_params(name: str, options: Options, args_json: str, kwargs_json: str, ke
     return {"queue": o.queue, "priority": o.priority, "task": name, "args": args_json, "kwargs": kwargs_json,
             "run_at": o.run_at, "max_attempts": o.max_attempts, "timeout": o.timeout, "unique_key": key,
             "batch_id": batch_id, "limit_key": limit_key, "key_limit": o.limit if limit_key is not None else None,
-            "trace_context": tracing.carrier() if tracing.ENABLED else None}
+            "trace_context": tracing.carrier() if tracing.ENABLED else None, "keep": o.keep}
 
 
 class Execute(NamedTuple):
@@ -177,7 +177,7 @@ class Plan:
             return [found[0][0] if found else None]
         params = {"queue": o.queue, "priority": o.priority, "task": self.name, "run_at": o.run_at,
                   "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
-                  "trace_context": self.trace_context,
+                  "trace_context": self.trace_context, "keep": o.keep,
                   "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows],
                   "limit_keys": [r[3] for r in rows], "key_limit": o.limit if o.limit_by is not None else None}
         returned_rows = yield Execute(sql.ENQUEUE, params)
@@ -201,13 +201,14 @@ class Plan:
         """Bulk path: draw the ids first, then COPY the rows in, then one NOTIFY.
 
         COPY cannot return ids, so they come from the table's sequence beforehand. Columns left at
-        their defaults (run_at = now(), no timeout, no batch, no trace context) are left out of the
-        COPY."""
+        their defaults (run_at = now(), no timeout, no batch, no trace context, not kept) are left out
+        of the COPY."""
         o = self.options
         ids: list[int | None] = [r[0] for r in (yield Execute(sql.DRAW_JOB_IDS, (len(rows),))) or ()]
         fixed = {"queue": o.queue, "priority": o.priority, "task": self.name, "max_attempts": o.max_attempts,
                  "run_at": o.run_at, "timeout": o.timeout, "batch_id": batch_id,
-                 "trace_context": self.trace_context, "key_limit": o.limit if o.limit_by is not None else None}
+                 "trace_context": self.trace_context, "key_limit": o.limit if o.limit_by is not None else None,
+                 "keep": o.keep}
         fixed = {k: v for k, v in fixed.items() if v is not None}
         tail = tuple(fixed.values())
         if o.limit_by is None:

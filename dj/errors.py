@@ -25,3 +25,23 @@ class SchemaMissing(DJError):
 
 class Permanent(Exception):
     """Raise from a job to make it dead at once, skipping the remaining retries."""
+
+
+class JobDead(Exception):
+    """dj.result(): the job is dead (its attempts ran out, or it raised dj.Permanent). `error` is its
+    last error, as `dj jobs show` prints it."""
+
+    def __init__(self, job_id: int, error: str | None):
+        self.job_id, self.error = job_id, error
+        lines = (error or "").strip().splitlines()
+        super().__init__(f"job {job_id} is dead: {lines[-1] if lines else 'no error recorded'}")
+
+
+class ResultNotKept(LookupError):
+    """dj.result() on a job enqueued without keep=: its success deletes it, value and all, so there
+    is nothing to wait for. Raised at once, while the job is still in the queue."""
+
+
+class ResultError(Exception):
+    """dj.result(): the job succeeded, but its return value could not be kept (not JSON-serialisable,
+    or over the size limit); the message says why."""

@@ -53,6 +53,9 @@ class Job(Base):
     # The OpenTelemetry span context of its enqueue, as the propagator writes it (W3C traceparent by
     # default), so its attempts join that trace (dj/tracing.py); NULL when enqueued outside a span.
     trace_context: Mapped[dict | None] = mapped_column(JSONB)
+    # Seconds to keep the job after it succeeds (@job(keep=...), using(keep=...)); NULL: deleted
+    # on success, as in DelayedJob. A kept success moves to job_results (see JobResult).
+    keep: Mapped[float | None] = mapped_column(Float)
     # True once a job enqueued with after=[this id] waits for it (dj/dependencies.py); NULL otherwise.
     has_dependents: Mapped[bool | None] = mapped_column(Boolean)
 
@@ -85,6 +88,39 @@ class Job(Base):
         Index("jobs_unique_key_idx", "unique_key", unique=True,
               postgresql_where=text("unique_key IS NOT NULL AND failed_at IS NULL")),
         Index("jobs_dead_idx", "queue", "failed_at", postgresql_where=text("failed_at IS NOT NULL")),
+    )
+
+
+class JobResult(Base):
+    """A kept success (a job enqueued with keep=...): its return value, run time and finish time,
+    until `expires_at`, when a worker prunes it (dj/pruning.py). COMPLETE_KEEP (dj/sql.py) moves the
+    row here from jobs in the statement that records the success, so the hot table and its claim
+    index never hold finished jobs, however many are kept."""
+
+    __tablename__ = "job_results"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)  # the job's id
+    queue: Mapped[str] = mapped_column(Text, nullable=False)
+    priority: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    task: Mapped[str] = mapped_column(Text, nullable=False)
+    args: Mapped[list] = mapped_column(JSONB, nullable=False)
+    kwargs: Mapped[dict] = mapped_column(JSONB, nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    max_attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    batch_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(TZ, nullable=False)
+    run_at: Mapped[datetime] = mapped_column(TZ, nullable=False)
+    finished_at: Mapped[datetime] = mapped_column(TZ, nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(TZ, nullable=False)
+    run_seconds: Mapped[float] = mapped_column(Float, nullable=False)
+    # The return value as JSON; NULL with result_error set when it could not be kept (not JSON, or
+    # over the size limit): the job still succeeded, and dj.result() raises dj.ResultError.
+    result: Mapped[dict | list | str | int | float | bool | None] = mapped_column(JSONB)
+    result_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        # Pruning reads the expired rows in this order, a small batch at a time.
+        Index("job_results_expires_idx", "expires_at"),
     )
 
 
@@ -201,8 +237,8 @@ class CronRun(Base):
 
 
 class Maintenance(Base):
-    """A chore one worker at a time does for all, taken as a lease on its row: today only
-    'vacuum jobs' (dj/vacuum.py). `dead_after` is how many dead rows the last run left behind (those
+    """A chore one worker at a time does for all, taken as a lease on its row: 'vacuum jobs'
+    (dj/vacuum.py) and 'prune results' (dj/pruning.py). `dead_after` is how many dead rows the last run left behind (those
     an old snapshot still needed), so the next run waits for new ones."""
 
     __tablename__ = "maintenance"

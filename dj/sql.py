@@ -16,6 +16,7 @@ with a higher attempt number.
 
 NOTIFY_CHANNEL = "dj_jobs"
 QUEUE_SETTINGS_CHANNEL = "dj_queue_settings"  # payload {"queue": ..., "paused": ...} (dj/admin.py)
+RESULTS_CHANNEL = "dj_results"  # payload job ids, comma-separated: kept (succeeded) or died (dj/results.py)
 
 # --- enqueue -------------------------------------------------------------------------------------
 
@@ -36,9 +37,9 @@ _WAKE_AT = ("{queue} || chr(31) || {priority} || chr(31) || (extract(epoch FROM 
 # row reaches 68%. A job without a unique key cannot conflict, so this leaves out ON CONFLICT and
 # the speculative insertion PostgreSQL makes for it (4 of the 95 us the server spends).
 ENQUEUE_ONE = """
-INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, batch_id, trace_context)
+INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, batch_id, trace_context, keep)
 VALUES (%(queue)s, %(priority)s, %(task)s, %(args)s::jsonb, %(kwargs)s::jsonb, coalesce(%(run_at)s, now()),
-        %(max_attempts)s, %(timeout)s, %(batch_id)s, %(trace_context)s::jsonb)
+        %(max_attempts)s, %(timeout)s, %(batch_id)s, %(trace_context)s::jsonb, %(keep)s)
 RETURNING id, pg_notify('""" + NOTIFY_CHANNEL + """', """ + _WAKE_AT.format(queue="%(queue)s", priority="priority", run_at="run_at", id="id") + """)
 """
 
@@ -46,10 +47,10 @@ RETURNING id, pg_notify('""" + NOTIFY_CHANNEL + """', """ + _WAKE_AT.format(queu
 # stays as short as it is): skipped (no row, so no NOTIFY) while a live job holds the unique key.
 ENQUEUE_ONE_UNIQUE = """
 INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id,
-                  limit_key, key_limit, trace_context)
+                  limit_key, key_limit, trace_context, keep)
 VALUES (%(queue)s, %(priority)s, %(task)s, %(args)s::jsonb, %(kwargs)s::jsonb, coalesce(%(run_at)s, now()),
         %(max_attempts)s, %(timeout)s, %(unique_key)s, %(batch_id)s, %(limit_key)s, %(key_limit)s,
-        %(trace_context)s::jsonb)
+        %(trace_context)s::jsonb, %(keep)s)
 ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND failed_at IS NULL DO NOTHING
 RETURNING id, pg_notify('""" + NOTIFY_CHANNEL + """', """ + _WAKE_AT.format(queue="%(queue)s", priority="priority", run_at="run_at", id="id") + """)
 """
@@ -59,10 +60,10 @@ RETURNING id, pg_notify('""" + NOTIFY_CHANNEL + """', """ + _WAKE_AT.format(queu
 ENQUEUE = """
 WITH inserted AS (
     INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id,
-                      limit_key, key_limit, trace_context)
+                      limit_key, key_limit, trace_context, keep)
     SELECT %(queue)s, %(priority)s, %(task)s, t.args::jsonb, t.kwargs::jsonb, coalesce(%(run_at)s, now()),
            %(max_attempts)s, %(timeout)s, t.unique_key, %(batch_id)s, t.limit_key, %(key_limit)s,
-           %(trace_context)s::jsonb
+           %(trace_context)s::jsonb, %(keep)s
     FROM unnest(%(args)s::text[], %(kwargs)s::text[], %(keys)s::text[], %(limit_keys)s::text[])
          AS t(args, kwargs, unique_key, limit_key)
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND failed_at IS NULL DO NOTHING
@@ -275,6 +276,8 @@ SELECT set_config('dj.claim_keys', coalesce((SELECT array_agg(limit_key) FROM lo
 # dj.worker.jobs._load_job_json).
 # trace_context (text, decoded only by a worker that traces) is NULL but for jobs enqueued inside
 # an OpenTelemetry span (dj/tracing.py): on the wire that is 4 bytes a row, and nothing is decoded.
+# keep: whether the worker records the success with COMPLETE_KEEP, with the return value,
+# instead of COMPLETE.
 CLAIM = """
 WITH clock AS MATERIALIZED (
     SELECT clock_timestamp() AS at
@@ -364,7 +367,7 @@ SET locked_by = %(worker)s, locked_at = (SELECT at FROM clock), attempts = jobs.
 WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING jobs.id, jobs.task, jobs.args::text, jobs.kwargs::text, jobs.attempts, jobs.max_attempts,
           jobs.timeout, jobs.queue, jobs.priority, (extract(epoch FROM jobs.run_at) * 1000000)::int8,
-          jobs.trace_context::text
+          jobs.trace_context::text, jobs.keep
 """
 
 def _with_task_rates(claim: str) -> str:
@@ -632,6 +635,66 @@ SELECT queue, pg_notify('""" + NOTIFY_CHANNEL + """', queue)
 FROM (SELECT queue FROM callbacks UNION SELECT queue FROM freed UNION SELECT queue FROM settled) AS wake
 """
 
+# COMPLETE for successes of jobs enqueued with keep=...: a separate statement, which the worker
+# runs only for a flush that holds such jobs, so COMPLETE itself (the hottest statement) is
+# unchanged when nothing is kept. It moves each row from jobs to job_results in the same statement
+# that deletes it, with the return value (JSON text, or NULL and the reason it could not be kept),
+# the run time, and when it expires. Kept rows are never in jobs, so jobs_claim_idx and every claim
+# stay as they are however many pile up (measured: see docs/ARCHITECTURE.md); the alternative, a
+# 'succeeded' row left in jobs, would keep the heap and every non-partial index of the hot table
+# growing with the history. The fence, the stats, the batch progress and the wake-ups are COMPLETE's.
+# The ids of the kept jobs go out on RESULTS_CHANNEL, which ends the waits of dj.result().
+COMPLETE_KEEP = """
+WITH d AS MATERIALIZED (
+    SELECT d.*, %(worker)s::text AS worker
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(seconds)s::float8[], %(results)s::text[],
+                %(errors)s::text[]) AS d(id, attempts, seconds, result, result_error)
+), done AS (
+    DELETE FROM jobs
+    USING d
+    WHERE jobs.id = ANY(%(ids)s::bigint[])
+      AND jobs.id = d.id AND jobs.attempts = d.attempts AND jobs.locked_by IS NOT DISTINCT FROM d.worker
+    RETURNING jobs.id, jobs.queue, jobs.priority, jobs.task, jobs.args, jobs.kwargs, jobs.attempts,
+              jobs.max_attempts, jobs.batch_id, jobs.created_at, jobs.run_at, coalesce(jobs.keep, 0) AS keep,
+              d.seconds, d.result, d.result_error, CASE WHEN jobs.has_dependents THEN jobs.id END AS dependents_of
+), kept AS (
+    INSERT INTO job_results (id, queue, priority, task, args, kwargs, attempts, max_attempts, batch_id,
+                             created_at, run_at, finished_at, expires_at, run_seconds, result, result_error)
+    SELECT id, queue, priority, task, args, kwargs, attempts, max_attempts, batch_id, created_at, run_at,
+           now(), now() + keep * interval '1 second', seconds, result::jsonb, result_error
+    FROM done
+    RETURNING id
+), told AS (
+    -- One NOTIFY per 300 kept jobs (their ids, comma-separated: under the 8000-byte payload limit),
+    -- not one per job: every session that LISTENs on any channel (each worker's notifier) reads
+    -- every notification queued, so a drain of kept jobs must not queue thousands a second.
+    SELECT pg_notify('""" + RESULTS_CHANNEL + """', string_agg(id::text, ','))
+    FROM (SELECT id, (row_number() OVER () - 1) / 300 AS chunk FROM kept) AS k
+    GROUP BY chunk
+), freed AS (
+    SELECT queue FROM queue_settings
+    WHERE concurrency_limit IS NOT NULL AND queue IN (SELECT queue FROM done)
+), """ + _stats_from("done", "succeeded") + """, batch_progress AS (
+    UPDATE batches AS b
+    SET succeeded = b.succeeded + n.count,
+        finished_at = CASE WHEN b.succeeded + n.count + b.dead = b.total THEN now() END
+    FROM (SELECT batch_id, count(*)::int AS count FROM done WHERE batch_id IS NOT NULL GROUP BY batch_id) AS n
+    WHERE b.id = n.batch_id
+    RETURNING b.*
+), """ + _ENQUEUE_BATCH_CALLBACKS + """, settled AS (  -- dependents, as in COMPLETE
+    SELECT s.queue
+    FROM (SELECT array_agg(dependents_of) AS ids FROM done WHERE dependents_of IS NOT NULL) AS j,
+         (SELECT array_agg(id) FILTER (WHERE dead = 0) AS ok, array_agg(id) FILTER (WHERE dead > 0) AS bad
+          FROM batch_progress WHERE finished_at IS NOT NULL AND has_dependents) AS b,
+         LATERAL dj_settle_dependents(j.ids, b.ok, NULL, NULL, b.bad) AS s(queue)
+    WHERE j.ids IS NOT NULL OR b.ok IS NOT NULL OR b.bad IS NOT NULL
+)
+SELECT queue, pg_notify('""" + NOTIFY_CHANNEL + """', queue)
+FROM (SELECT queue FROM callbacks UNION SELECT queue FROM freed UNION SELECT queue FROM settled) AS wake
+UNION ALL
+SELECT NULL, NULL FROM (SELECT count(*) FROM told) AS t  -- a plain CTE runs only if read: this makes it run
+"""
+
 # A failed attempt either waits for its retry (run_at moves to the future) or is dead (failed_at).
 # A dead job counts towards its batch like a success does. A failed job with a per-key limit frees
 # its key's slot: its queue's workers are woken, as COMPLETE does.
@@ -648,10 +711,12 @@ WITH f AS MATERIALIZED (  -- the fence: see COMPLETE
     FROM f
     WHERE jobs.id = ANY(%(ids)s::bigint[])
       AND jobs.id = f.id AND jobs.attempts = f.attempts AND jobs.locked_by IS NOT DISTINCT FROM f.worker
+    -- A job that died ends the wait of dj.result() callers (dj/results.py): they raise JobDead.
     RETURNING jobs.queue, jobs.batch_id, f.dead, f.seconds,
               CASE WHEN f.dead AND jobs.has_dependents THEN jobs.id END AS dependents_of,
               CASE WHEN f.dead AND jobs.has_dependents THEN f.error END AS dependents_error,
-              jobs.limit_key
+              jobs.limit_key,
+              CASE WHEN f.dead THEN pg_notify('""" + RESULTS_CHANNEL + """', jobs.id::text) END AS told
 ), """ + _stats_from("failed", "failed") + """, batch_progress AS (
     UPDATE batches AS b
     SET dead = b.dead + n.count,
@@ -886,6 +951,53 @@ WHERE name = 'vacuum jobs' AND holder = %(worker)s
 # The vacuum failed (the connection, a cancel): give the lease back so another worker can try.
 DROP_VACUUM_LEASE = """
 UPDATE maintenance SET lease_until = now() WHERE name = 'vacuum jobs' AND holder = %(worker)s
+"""
+
+# --- results: reading and pruning kept successes (dj/results.py, dj/pruning.py) ----------------
+
+# Where a job stands for dj.result(): kept (with its value), or still in jobs (dead, or not ended
+# yet, and whether it is kept when it succeeds), or neither (unknown, pruned, or a success that was
+# not kept). Both reads are primary-key probes.
+RESULT_OF = """
+SELECT 'kept', result::text, result_error FROM job_results WHERE id = %(id)s
+UNION ALL
+SELECT CASE WHEN failed_at IS NOT NULL THEN 'dead' WHEN keep IS NULL THEN 'not kept' ELSE 'pending' END,
+       NULL, last_error
+FROM jobs WHERE id = %(id)s
+"""
+
+# Take the pruning chore if some kept row has expired and nobody holds it: one statement, as
+# TAKE_VACUUM_LEASE and for the same reasons. The EXISTS is one probe of job_results_expires_idx.
+TAKE_PRUNE_LEASE = """
+UPDATE maintenance
+SET holder = %(worker)s, lease_until = now() + %(lease)s * interval '1 second', started_at = now()
+WHERE name = 'prune results' AND lease_until < now()
+  AND EXISTS (SELECT FROM job_results WHERE expires_at <= now())
+RETURNING name
+"""
+
+ENSURE_PRUNE_ROW = "INSERT INTO maintenance (name) VALUES ('prune results') ON CONFLICT (name) DO NOTHING"
+
+# One small batch of expired rows, oldest expiry first, in a transaction of its own: it locks only
+# the rows it deletes (SKIP LOCKED: a row someone is reading for update is left for the next
+# batch), so pruning a million rows never holds a lock for long nor blocks a completion, whose
+# inserts touch other rows.
+PRUNE_RESULTS = """
+DELETE FROM job_results
+WHERE id = ANY(ARRAY(
+    SELECT id FROM job_results WHERE expires_at <= now()
+    ORDER BY expires_at LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED))
+"""
+
+END_PRUNE_LEASE = """
+UPDATE maintenance
+SET lease_until = now(), finished_at = now(), seconds = %(seconds)s, runs = runs + 1
+WHERE name = 'prune results' AND holder = %(worker)s
+"""
+
+DROP_PRUNE_LEASE = """
+UPDATE maintenance SET lease_until = now() WHERE name = 'prune results' AND holder = %(worker)s
 """
 
 # --- the oldest snapshot -------------------------------------------------------------------------

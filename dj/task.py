@@ -11,7 +11,7 @@ import inspect
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from . import config, connections, db, enqueueing, sql
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         conn: Conn | None
         unique_key: str | None
         unique: bool | Callable[..., Any] | None
+        keep: float | timedelta | None
         after: Iterable[int | Batch | BatchRef]
 
 __all__ = ["COPY_AT", "MAX_ARGS_BYTES", "Enqueuer", "Options", "Task", "enqueue", "job", "lookup", "registered",
@@ -106,12 +107,25 @@ class Options:
     unique_key: str | None = None
     # How @job(unique=...) derives a key from the arguments: True (all of them) or a function.
     unique: bool | Callable[..., Any] | None = None
+    # Seconds a success is kept, with its return value (dj.result); None: deleted, as in DelayedJob.
+    keep: float | None = None
     # A per-key limit: at most `limit` jobs whose `limit_by(*args, **kwargs)` is equal run at once.
     limit_by: Callable[..., Any] | None = None
     limit: int | None = None
 
     # Job ids and batch ids the jobs wait for (dj/dependencies.py): using(after=[...]) fills it.
     after: After | None = None
+
+
+def keep_seconds(keep: float | timedelta | None) -> float | None:
+    """`keep=` as seconds: a positive number of seconds or a timedelta, or None (not kept)."""
+    if keep is None:
+        return None
+    if isinstance(keep, timedelta):
+        keep = keep.total_seconds()
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep < float("inf"):
+        raise ValueError(f"keep must be a positive number of seconds or a timedelta, not {keep!r}")
+    return float(keep)
 
 
 def _check_limit(limit_by: Callable[..., Any] | None, limit: int | None) -> None:
@@ -145,6 +159,8 @@ class Enqueuer(Generic[P, R]):
         if "after" in options:
             after = split(options["after"])
             options["after"] = after if after[0] or after[1] else None
+        if "keep" in options:
+            options["keep"] = keep_seconds(options["keep"])
         return Enqueuer(self.name, replace(self.options, **options))
 
     @enqueuing  # a `dj enqueue` span, with the extra dj[otel] (dj/tracing.py)
@@ -273,13 +289,14 @@ def job(name: Callable[P, R], /) -> Task[P, R]: ...
 def job(name: str | None = None, *, queue: str = "default", priority: int = 0, max_attempts: int = 25,
         timeout: float | None = None, unique: bool | Callable[..., Any] | None = None,
         cron: str | None = None, limit_by: Callable[..., Any] | None = None,
-        limit: int | None = None, rate: str | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+        limit: int | None = None, rate: str | None = None,
+        keep: float | timedelta | None = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
 def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", priority: int = 0,
         max_attempts: int = 25, timeout: float | None = None, unique: bool | Callable[..., Any] | None = None,
         cron: str | None = None, limit_by: Callable[..., Any] | None = None, limit: int | None = None,
-        rate: str | None = None,
+        rate: str | None = None, keep: float | timedelta | None = None,
         ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Register a function as a job. `name` defaults to `module.function`.
 
@@ -291,6 +308,8 @@ def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", pri
     README, "Limits per key".
     `rate="10/s"` (or N/min, N/h): at most that many of its jobs start in any such window, across
     all workers and hosts (dj/rates.py).
+    `keep=3600` (seconds, or a timedelta) keeps a success that long, with its return value, for
+    `dj.result()` and the history (dj/results.py); by default a success is deleted.
     """
     if callable(name):  # used bare, as @job
         return job()(name)
@@ -300,6 +319,7 @@ def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", pri
     if limit_by is not None and limit is None:
         limit = 1
     _check_limit(limit_by, limit)
+    keep_s = keep_seconds(keep)
     if cron is not None:
         from .cron import validate
 
@@ -312,7 +332,8 @@ def job(name: str | Callable[P, R] | None = None, *, queue: str = "default", pri
         if existing is not None and existing.fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"job name {task_name!r} is already registered by {existing.fn!r}")
         task: Task[P, R] = Task(fn, task_name, Options(queue=queue, priority=priority, max_attempts=max_attempts,
-                                            timeout=timeout, unique=unique, limit_by=limit_by, limit=limit),
+                                            timeout=timeout, unique=unique, limit_by=limit_by, limit=limit,
+                                            keep=keep_s),
                                   cron=cron, rate=task_rate)
         _registry[task_name] = task
         return task

@@ -55,6 +55,9 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
     for key in ("serial_s", "batched_s", "ratio"):
         assert _number(doc["rebuild"][key]), key
     assert doc["rebuild"]["correct"] is True
+    for key in ("per_s", "off_per_s", "ratio"):  # the keep section (issue 15)
+        assert _number(doc["keep"][key]) and doc["keep"][key] > 0, key
+    assert doc["keep"]["kept_rows"] > 0
     assert "peers" not in doc  # only with --peers
     machine = doc["machine"]
     assert _number(machine["cpu_count"]) and machine["postgresql"] and machine["python"]
@@ -63,6 +66,7 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
         # the user's job is untouched, and nothing of the bench is left behind
         assert conn.execute("SELECT queue, task FROM jobs").fetchall() == [("default", "tests.untouched")]
         assert conn.execute("SELECT count(*) FROM job_stats WHERE queue LIKE 'bench-%'").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM job_results WHERE queue LIKE 'bench-%'").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM workers").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'dj_bench%'").fetchone()[0] == 0
         # the scratch database of the rebuild is dropped (databases left by other, interrupted

@@ -181,8 +181,9 @@ def test_enqueue_work_status_list_retry_cancel(cli, conn):
 
     results = run_parallel(cli, {"status": ("status", "--json"), "list": ("jobs", "list", "--state", "dead", WIDE)})
     doc = json.loads(ok(results["status"]))
-    # oldest_snapshot added by issue 12, keys_at_limit and rate_limits by issue 15
-    assert set(doc) == {"queues", "totals", "workers", "throughput", "oldest_snapshot", "keys_at_limit", "rate_limits"}
+    # oldest_snapshot added by issue 12; succeeded (kept successes), keys_at_limit and rate_limits by issue 15
+    assert set(doc) == {"queues", "totals", "workers", "throughput", "oldest_snapshot", "succeeded", "keys_at_limit",
+                        "rate_limits"}
     assert doc["keys_at_limit"] == []
     assert set(doc["queues"]) == {"default"}
     assert set(doc["queues"]["default"]) == QUEUE_KEYS

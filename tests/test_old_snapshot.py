@@ -33,7 +33,8 @@ def test_status_json_adds_the_oldest_snapshot_and_keeps_every_other_key(conn, db
     with held_snapshot(db_url) as pid:
         doc = json.loads(cli("status", "--json").stdout)
         human = cli("status", env={"COLUMNS": "200"}).stdout
-    assert set(doc) == {"queues", "totals", "workers", "throughput", "oldest_snapshot", "keys_at_limit", "rate_limits"}
+    assert set(doc) == {"queues", "totals", "workers", "throughput", "oldest_snapshot", "succeeded", "keys_at_limit",
+                        "rate_limits"}
     snap = doc["oldest_snapshot"]
     assert set(snap) == {"age_s", "pid", "application_name", "state", "query"}
     assert snap["pid"] == pid and snap["application_name"] == "nightly report"

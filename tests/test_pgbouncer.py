@@ -50,6 +50,9 @@ from tests.test_enqueue import (  # noqa: F401
 from tests.test_queue_controls import (  # noqa: F401
     test_a_pause_hands_back_the_jobs_a_worker_had_buffered, test_a_paused_queue_is_not_claimed_until_resumed,
     test_a_queue_limit_holds_across_four_worker_processes, test_pausing_stops_new_claims_within_a_second)
+from tests.test_results import (  # noqa: F401
+    test_a_dead_job_raises_job_dead_with_its_last_error, test_result_async_waits_on_the_event_loop,
+    test_result_waits_for_a_running_worker_and_wakes_on_notify)
 from tests.test_retries import (  # noqa: F401
     test_a_failing_job_is_retried_with_backoff_then_dead, test_a_job_that_fails_once_succeeds_on_retry)
 from tests.test_shutdown_and_crashes import (  # noqa: F401

@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import batches, connections, enqueueing, task as _task
 from ..context import JobContext, _set_current
-from ..errors import DJError
+from ..errors import DJError, JobDead, ResultError, ResultNotKept
 from .records import ANY, CapturedJob, assert_matches, aware, matching, positive, task_name, utcnow
 
 
@@ -104,7 +104,7 @@ class Jobs:
                     continue
                 record = CapturedJob(next(self._ids), enqueuer.name, json.loads(args_json), json.loads(kwargs_json),
                                      o.queue, o.priority, run_at, now, o.max_attempts, o.timeout, key,
-                                     batch.id if batch else None)
+                                     batch.id if batch else None, keep=o.keep)
                 if key is not None:
                     self._held[key] = record
                 self.jobs.append(record)
@@ -210,7 +210,8 @@ class Jobs:
             with self._running(record):
                 result = _task.lookup(record.task).fn(*record.args, **record.kwargs)  # type: ignore[union-attr]
                 if inspect.isawaitable(result):
-                    await result
+                    result = await result
+                _keep_result(record, result)
         return ran
 
     def _count(self, ran: int, max_jobs: int) -> int:
@@ -237,7 +238,29 @@ class Jobs:
         with self._running(record):
             result = _task.lookup(record.task).fn(*record.args, **record.kwargs)  # type: ignore[union-attr]
             if inspect.isawaitable(result):
-                self._await(result)
+                result = self._await(result)
+            _keep_result(record, result)
+
+    def result(self, job_id: int) -> Any:
+        """dj.result() under the test mode: the value a job that ran returned, as production would
+        give it (after a round trip through JSON). Raises as production does: JobDead for a job
+        that raised, ResultNotKept for one enqueued without keep=, LookupError for an unknown id;
+        and TimeoutError at once for a job not run yet (call drain() first: nothing else would
+        run it)."""
+        with self._lock:
+            performed = next((r for r in self.performed if r.id == job_id), None)
+            failed = next((r for r in self.failed if r.id == job_id), None)
+            pending = next((r for r in self.jobs if r.id == job_id), None)
+        record = performed or failed or pending
+        if record is None:
+            raise LookupError(f"no job {job_id} in this capture")
+        if failed is not None:
+            raise JobDead(job_id, f"{type(failed.error).__name__}: {failed.error}")
+        if record.keep is None:
+            raise ResultNotKept(f"job {job_id} was enqueued without keep=: its result is never stored")
+        if performed is not None:
+            return performed.result
+        raise TimeoutError(f"job {job_id} has not run: call drain() first")
 
     def _running(self, record: CapturedJob) -> "_Running":
         if _task.lookup(record.task) is None:  # production makes such a job dead; here the test hears of it
@@ -309,6 +332,24 @@ class _Running:
         batches._current.reset(batch_token)
         _set_current(None, job_token)
         self.jobs._finished(self.record, exc)
+
+
+def active() -> Jobs | None:
+    """The innermost active capture() or inline() block, if any (dj.result() reads from it)."""
+    recorder = batches._recorder
+    return recorder if isinstance(recorder, Jobs) else None
+
+
+def _keep_result(record: CapturedJob, value: Any) -> None:
+    """Keep what a kept job returned as dj.result() would give it; the checks production makes on
+    a return value fail the test here (production keeps the reason instead, see dj.results)."""
+    if record.keep is not None:
+        from ..results import encode_result
+
+        text, error = encode_result(value)
+        if error is not None:
+            raise ResultError(f"job {record.id} ({record.task}) returned a value that cannot be kept: {error}")
+        record.result = json.loads(text)  # type: ignore[arg-type]
 
 
 async def _wrap(awaitable: Any) -> Any:

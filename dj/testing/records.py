@@ -34,6 +34,8 @@ class CapturedJob:
     batch_id: int | None = None
     progress: list[tuple[float, str]] = field(default_factory=list)  # what current_job().progress() reported
     error: BaseException | None = None  # what it raised, for a job in `failed`
+    keep: float | None = None  # seconds its success is kept (keep=); None: not kept
+    result: Any = None  # what it returned, after a round trip through JSON (for dj.result())
 
     @property
     def scheduled(self) -> bool:

@@ -2,7 +2,7 @@
 
 | metric | type | labels |
 |---|---|---|
-| `dj_jobs` | gauge | queue, state (ready, scheduled, running, dead, waiting: disjoint, so they add up) |
+| `dj_jobs` | gauge | queue, state (ready, scheduled, running, dead, waiting, and succeeded: kept successes, see dj/history.py; disjoint, so they add up) |
 | `dj_jobs_retrying` | gauge (ready or scheduled jobs that failed before) | queue |
 | `dj_queue_oldest_ready_age_seconds` | gauge | queue |
 | `dj_queue_paused` | gauge (1 paused, 0 active) | queue |
@@ -96,12 +96,16 @@ class DJCollector(Collector):
         oldest = GaugeMetricFamily("dj_queue_oldest_ready_age_seconds",
                                    "How long the oldest ready job of the queue has waited", labels=["queue"])
         paused = GaugeMetricFamily("dj_queue_paused", "1 if the queue is paused, else 0", labels=["queue"])
+        kept = doc["succeeded"]["queues"]
         for q in doc["queues"]:
             for state in admin.STATES:
                 jobs.add_metric([q["name"], state], q[state])
+            jobs.add_metric([q["name"], "succeeded"], kept.get(q["name"], 0))
             retrying.add_metric([q["name"]], q["retrying"])
             oldest.add_metric([q["name"]], q["oldest_ready_age_s"])
             paused.add_metric([q["name"]], 1 if q["paused"] else 0)
+        for name in sorted(set(kept) - {q["name"] for q in doc["queues"]}):  # only kept rows left
+            jobs.add_metric([name, "succeeded"], kept[name])
         yield jobs
         yield retrying
         yield oldest

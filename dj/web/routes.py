@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from .. import admin
+from .. import admin, history
 from ..errors import DJError
 from . import chart, queries
 from .security import SESSION_COOKIE, SESSION_SECONDS, safe_next
@@ -127,6 +127,29 @@ def jobs(request: Request) -> Response:
                    title="Jobs", now=datetime.now(timezone.utc))
 
 
+def history_page(request: Request) -> HTMLResponse:
+    """Kept successes (jobs enqueued with keep=), newest first, searchable by task and queue."""
+    params = request.query_params
+    queue = params.get("queue") or None
+    task = (params.get("task") or "").strip() or None
+    before = _int_param(request, "before")
+    with _conn(request) as conn:
+        # Newest first: page backwards from the end (or from `before`), PAGE_SIZE + 1 to see if more.
+        rows = history.list_results(conn, queue, f"%{task}%" if task else None, PAGE_SIZE + 1,
+                                    before_id=before if before is not None else 2**63 - 1)
+        queue_names = sorted(history.counts(conn))
+    rows.reverse()
+    more = len(rows) > PAGE_SIZE
+    rows = rows[:PAGE_SIZE]
+    filters = {k: v for k, v in (("queue", queue), ("task", task)) if v}
+    base = "/history?" + urlencode(filters) + ("&" if filters else "")
+    paging = {"first": "/history?" + urlencode(filters) if before is not None else None, "previous": None,
+              "next": base + f"before={rows[-1]['id']}" if rows and more else None}
+    return _render(request, "history.html", rows=rows, filters=filters, queue=queue, task=task,
+                   queue_names=queue_names, paging=paging, title="History", now=datetime.now(timezone.utc),
+                   pretty=_pretty)
+
+
 def job_page(request: Request) -> HTMLResponse:
     job_id = request.path_params["job_id"]
     with _conn(request) as conn:
@@ -135,7 +158,8 @@ def job_page(request: Request) -> HTMLResponse:
         except DJError as exc:
             return _render(request, "missing.html", 404, message=str(exc), title=f"Job {job_id}")
     return _render(request, "job.html", job=job, title=f"Job {job_id}", now=datetime.now(timezone.utc),
-                   args_json=_pretty(job["args"]), kwargs_json=_pretty(job["kwargs"]))
+                   args_json=_pretty(job["args"]), kwargs_json=_pretty(job["kwargs"]),
+                   result_json=_pretty(job["result"]) if job.get("state") == "succeeded" else None)
 
 
 def _pretty(value: Any) -> str:
@@ -251,6 +275,7 @@ ROUTES = [
     Route("/fragments/workers", workers_fragment),
     Route("/jobs", jobs),
     Route("/jobs/{job_id:int}", job_page),
+    Route("/history", history_page),
     Route("/jobs/{job_id:int}/retry", retry_job, methods=["POST"]),
     Route("/jobs/{job_id:int}/run-now", run_now, methods=["POST"]),
     Route("/jobs/{job_id:int}/cancel", cancel_job, methods=["POST"]),

@@ -26,7 +26,7 @@ from .. import tracing
 from ..context import JobContext, _set_current
 from ..errors import Permanent
 from ..task import lookup
-from .jobs import Claimed, Outcome, _clip, _describe, log, log_job, malformed, unknown_task
+from .jobs import Claimed, Outcome, _clip, _describe, kept_outcome, log, log_job, malformed, unknown_task
 
 if TYPE_CHECKING:
     from . import Worker
@@ -134,8 +134,8 @@ class ThreadExecutor:
             return Outcome(job, malformed(job), dead=True)
         token = _set_current(JobContext(job.id, job.task, job.queue, job.attempts, self.name))
         try:
-            task.fn(*job.args, **job.kwargs)
-            return Outcome(job)
+            value = task.fn(*job.args, **job.kwargs)
+            return Outcome(job) if job.keep is None else kept_outcome(job, value)
         except Permanent as exc:
             return Outcome(job, _describe(exc), dead=True, exc=exc)
         except BaseException as exc:  # noqa: BLE001 - a job must never take its thread down
@@ -367,8 +367,8 @@ class AsyncExecutor:
             return Outcome(job, malformed(job), dead=True)
         token = _set_current(JobContext(job.id, job.task, job.queue, job.attempts, self.name))
         try:
-            await task.fn(*job.args, **job.kwargs)
-            return Outcome(job)
+            value = await task.fn(*job.args, **job.kwargs)
+            return Outcome(job) if job.keep is None else kept_outcome(job, value)
         except Permanent as exc:
             return Outcome(job, _describe(exc), dead=True, exc=exc)
         except BaseException as exc:  # noqa: BLE001 - a job must never take its runner down

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..results import encode_result
 from ..task import MAX_ARGS_BYTES
 
 log = logging.getLogger("dj.worker")
@@ -40,6 +41,7 @@ class Claimed:
     queue: str
     priority: int
     run_at: int  # microseconds since the epoch, exact: the claim order and the claim's position need it
+    keep: float | None = None  # seconds to keep a success (with its return value); None: deleted
     started: float | None = field(default=None)
     finished: bool = field(default=False)
     trace_context: str | None = field(default=None)  # the enqueue's span context, JSON (dj/tracing.py)
@@ -53,6 +55,9 @@ class Outcome:
     dead: bool = False
     seconds: float = 0.0  # how long the attempt ran
     exc: BaseException | None = None  # what the job raised, for its span (dj/tracing.py)
+    # A kept job's success (job.keep set): its return value as JSON, or None and why it is not kept.
+    result: str | None = None
+    result_error: str | None = None
 
 
 @dataclass
@@ -153,3 +158,15 @@ def _clip(text: str, limit: int) -> str:
 def _first_line(exc: BaseException) -> str:
     s = str(exc).strip()
     return s.splitlines()[0] if s else type(exc).__name__
+
+
+def kept_outcome(job: Claimed, value: Any) -> Outcome:
+    """The success of a kept job, with its return value as JSON. A value that is not JSON or is over
+    the arguments' size limit does not fail the job (its work is done, and a retry would do it
+    again): the job succeeds, the reason is kept instead of the value (dj.result() raises
+    dj.ResultError with it), and the worker logs a warning."""
+    result, error = encode_result(value)
+    if error is not None:
+        log.warning("job %d (%s) succeeded, but its return value is not kept: %s", job.id, _clip(job.task, 200),
+                    error, extra={"event": "result_not_kept", "job_id": job.id, "task": job.task})
+    return Outcome(job, result=result, result_error=error)

@@ -3,10 +3,11 @@ interval: the worker's row in `workers` (re-registered if it was removed), and, 
 timeout, the reaper (jobs of workers that stopped heartbeating become ready again), forgetting
 stale workers and pruning old stats; then the due cron ticks, each enqueued once across workers,
 and a look at the oldest snapshot (one warning when it gets old, dj/snapshot.py). Every second,
-whether jobs needs a vacuum that no other worker is doing (dj/vacuum.py); the vacuum itself runs
-in a thread of its own, so the heartbeat never waits for it. And when it is due, the claim
-cursors' probe (dj/cursors.py): a read of each queue from its head, here and not on the main
-connection, so that claims go on while it runs."""
+whether jobs needs a vacuum that no other worker is doing (dj/vacuum.py), and whether expired kept
+results need pruning (dj/pruning.py); the vacuum and the pruning run in threads of their own, so
+the heartbeat never waits for them. And when it is due, the claim cursors' probe (dj/cursors.py):
+a read of each queue from its head, here and not on the main connection, so that claims go on
+while it runs."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from .. import cron, snapshot, sql, vacuum
+from .. import cron, pruning, snapshot, sql, vacuum
 from .connection import reconnect_delay
 from .jobs import _first_line, log
 
@@ -32,6 +33,9 @@ class Maintenance:
         self.snapshots = snapshot.SnapshotWarning(worker.snapshot_warn_after)
         self.vacuum_ready: bool | None = None  # None: not asked yet; False: a schema without it
         self.vacuuming: threading.Thread | None = None
+        self.prune_ready: bool | None = None  # None: not asked yet; False: a schema without job_results
+        self.pruning: threading.Thread | None = None
+        self._prune_at = 0.0
 
     def run(self) -> None:
         w, connector = self.worker, self.connector
@@ -67,6 +71,7 @@ class Maintenance:
                     self.snapshots.check(conn)
                 self.maybe_vacuum(conn)
                 self.maybe_probe(conn)
+                self.maybe_prune(conn)
             except psycopg.Error as exc:
                 if isinstance(exc, psycopg.OperationalError):
                     connector.lost(exc, epoch)
@@ -116,6 +121,32 @@ class Maintenance:
             return
         self.vacuuming = threading.Thread(target=self._vacuum, args=(dead,), name="dj-vacuum", daemon=True)
         self.vacuuming.start()
+
+    def maybe_prune(self, conn: psycopg.Connection) -> None:
+        """Prune expired kept results if some are due and no other worker is at it (dj/pruning.py)."""
+        now = time.monotonic()
+        if now < self._prune_at:
+            return
+        self._prune_at = now + pruning.PRUNE_CHECK_INTERVAL
+        if self.prune_ready is None:
+            self.prune_ready = pruning.prepare(conn)
+        if not self.prune_ready or (self.pruning is not None and self.pruning.is_alive()):
+            return
+        if not pruning.take(conn, self.worker.name):
+            return
+        self.pruning = threading.Thread(target=self._prune, name="dj-prune", daemon=True)
+        self.pruning.start()
+
+    def _prune(self) -> None:
+        name = self.worker.name
+        try:
+            with self.connector.connect() as conn:
+                deleted, batches = pruning.run(conn, name)
+        except psycopg.Error as exc:  # the lease was handed back, or runs out; another worker tries
+            log.warning("pruning of kept results failed (%s)", _first_line(exc))
+            return
+        log.debug("pruned %d expired result(s) in %d batch(es)", deleted, batches,
+                  extra={"event": "prune", "deleted": deleted, "batches": batches})
 
     def _vacuum(self, dead: int) -> None:
         name = self.worker.name

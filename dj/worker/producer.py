@@ -237,6 +237,15 @@ class Producer:
             with conn.pipeline(), conn.transaction():
                 cur = self.claim(room) if claim else None
                 woken = []  # queues with new work: batch callbacks, freed slots of limited queues
+                kept = [o for o in ok if o.job.keep is not None]
+                if kept:  # a statement of their own: COMPLETE stays as it is when nothing is kept
+                    ok = [o for o in ok if o.job.keep is None]
+                    woken.append(conn.execute(sql.COMPLETE_KEEP, {
+                        "ids": _array_literal(o.job.id for o in kept),
+                        "attempts": _array_literal(o.job.attempts for o in kept),
+                        "seconds": _seconds_literal(o.seconds for o in kept), "results": [o.result for o in kept],
+                        "errors": [o.result_error for o in kept], "worker": self.name},
+                        prepare=_prepare(kept)))
                 if ok:
                     woken.append(conn.execute(sql.COMPLETE, {
                         "ids": _array_literal(o.job.id for o in ok),
@@ -283,13 +292,13 @@ class Producer:
         async_tasks = self._async_tasks
         if not async_tasks:
             for r in rows:
-                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], trace_context=r[10])
+                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], trace_context=r[10], keep=r[11])
                 held[job.id] = job
                 jobs.append(job)
                 last[job.queue] = (job.priority, job.run_at, job.id)
         else:
             for r in rows:
-                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], trace_context=r[10])
+                job = Claimed(r[0], r[1], _load_job_json(r[2]), _load_job_json(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], trace_context=r[10], keep=r[11])
                 held[job.id] = job
                 (coroutines if job.task in async_tasks else jobs).append(job)
                 last[job.queue] = (job.priority, job.run_at, job.id)
