@@ -581,6 +581,37 @@ _LAST_LINE = "substring(rtrim({0}, E' \\n') FROM '[^\\n]*$')"
 # job_stats upsert (which runs last, at the end of the statement), in every statement, so the
 # statements take their row locks in one order: jobs, batches, dependents, job_stats.
 
+def _finish_successes() -> str:
+    """The tail shared by COMPLETE and COMPLETE_KEEP, after their `done` CTE (the deleted rows, with
+    queue, batch_id, seconds, dependents_of and limit_key): wake the workers of freed limited queues
+    and keys, record the stats, advance batches and enqueue their callbacks, settle dependents, and
+    NOTIFY each queue that got work."""
+    return """), freed AS (
+    -- A finished job frees a slot of a limited queue, or of its key: wake the workers that may be
+    -- waiting for it (a key's held jobs are read from its head, see CLAIM).
+    SELECT queue FROM queue_settings
+    WHERE concurrency_limit IS NOT NULL AND queue IN (SELECT queue FROM done)
+    UNION SELECT queue FROM done WHERE limit_key IS NOT NULL
+), """ + _stats_from("done", "succeeded") + """, batch_progress AS (
+    UPDATE batches AS b
+    SET succeeded = b.succeeded + n.count,
+        finished_at = CASE WHEN b.succeeded + n.count + b.dead = b.total THEN now() END
+    FROM (SELECT batch_id, count(*)::int AS count FROM done WHERE batch_id IS NOT NULL GROUP BY batch_id) AS n
+    WHERE b.id = n.batch_id
+    RETURNING b.*
+), """ + _ENQUEUE_BATCH_CALLBACKS + """, settled AS (
+    SELECT s.queue
+    FROM (SELECT array_agg(dependents_of) AS ids FROM done WHERE dependents_of IS NOT NULL) AS j,
+         (SELECT array_agg(id) FILTER (WHERE dead = 0) AS ok, array_agg(id) FILTER (WHERE dead > 0) AS bad
+          FROM batch_progress WHERE finished_at IS NOT NULL AND has_dependents) AS b,
+         LATERAL dj_settle_dependents(j.ids, b.ok, NULL, NULL, b.bad) AS s(queue)
+    WHERE j.ids IS NOT NULL OR b.ok IS NOT NULL OR b.bad IS NOT NULL
+)
+SELECT queue, pg_notify('""" + NOTIFY_CHANNEL + """', queue)
+FROM (SELECT queue FROM callbacks UNION SELECT queue FROM freed UNION SELECT queue FROM settled) AS wake
+"""
+
+
 # The fence. COMPLETE, FAIL and RELEASE change a row only if it is still the same attempt by the
 # same worker: (id, attempts, locked_by) all match what the worker claimed. The worker's outcomes
 # come in as arrays, unnested into a materialized CTE that also carries the worker's name, so the
@@ -610,30 +641,7 @@ WITH d AS MATERIALIZED (
       AND jobs.id = d.id AND jobs.attempts = d.attempts AND jobs.locked_by IS NOT DISTINCT FROM d.worker
     RETURNING jobs.queue, jobs.batch_id, d.seconds, CASE WHEN jobs.has_dependents THEN jobs.id END AS dependents_of,
               jobs.limit_key
-), freed AS (
-    -- A finished job frees a slot of a limited queue, or of its key: wake the workers that may be
-    -- waiting for it (a key's held jobs are read from its head, see CLAIM).
-    SELECT queue FROM queue_settings
-    WHERE concurrency_limit IS NOT NULL AND queue IN (SELECT queue FROM done)
-    UNION SELECT queue FROM done WHERE limit_key IS NOT NULL
-), """ + _stats_from("done", "succeeded") + """, batch_progress AS (
-    UPDATE batches AS b
-    SET succeeded = b.succeeded + n.count,
-        finished_at = CASE WHEN b.succeeded + n.count + b.dead = b.total THEN now() END
-    FROM (SELECT batch_id, count(*)::int AS count FROM done WHERE batch_id IS NOT NULL GROUP BY batch_id) AS n
-    WHERE b.id = n.batch_id
-    RETURNING b.*
-), """ + _ENQUEUE_BATCH_CALLBACKS + """, settled AS (
-    SELECT s.queue
-    FROM (SELECT array_agg(dependents_of) AS ids FROM done WHERE dependents_of IS NOT NULL) AS j,
-         (SELECT array_agg(id) FILTER (WHERE dead = 0) AS ok, array_agg(id) FILTER (WHERE dead > 0) AS bad
-          FROM batch_progress WHERE finished_at IS NOT NULL AND has_dependents) AS b,
-         LATERAL dj_settle_dependents(j.ids, b.ok, NULL, NULL, b.bad) AS s(queue)
-    WHERE j.ids IS NOT NULL OR b.ok IS NOT NULL OR b.bad IS NOT NULL
-)
-SELECT queue, pg_notify('""" + NOTIFY_CHANNEL + """', queue)
-FROM (SELECT queue FROM callbacks UNION SELECT queue FROM freed UNION SELECT queue FROM settled) AS wake
-"""
+""" + _finish_successes() + """"""
 
 # COMPLETE for successes of jobs enqueued with keep=...: a separate statement, which the worker
 # runs only for a flush that holds such jobs, so COMPLETE itself (the hottest statement) is
@@ -656,7 +664,8 @@ WITH d AS MATERIALIZED (
       AND jobs.id = d.id AND jobs.attempts = d.attempts AND jobs.locked_by IS NOT DISTINCT FROM d.worker
     RETURNING jobs.id, jobs.queue, jobs.priority, jobs.task, jobs.args, jobs.kwargs, jobs.attempts,
               jobs.max_attempts, jobs.batch_id, jobs.created_at, jobs.run_at, coalesce(jobs.keep, 0) AS keep,
-              d.seconds, d.result, d.result_error, CASE WHEN jobs.has_dependents THEN jobs.id END AS dependents_of
+              d.seconds, d.result, d.result_error, CASE WHEN jobs.has_dependents THEN jobs.id END AS dependents_of,
+              jobs.limit_key
 ), kept AS (
     INSERT INTO job_results (id, queue, priority, task, args, kwargs, attempts, max_attempts, batch_id,
                              created_at, run_at, finished_at, expires_at, run_seconds, result, result_error)
@@ -671,27 +680,7 @@ WITH d AS MATERIALIZED (
     SELECT pg_notify('""" + RESULTS_CHANNEL + """', string_agg(id::text, ','))
     FROM (SELECT id, (row_number() OVER () - 1) / 300 AS chunk FROM kept) AS k
     GROUP BY chunk
-), freed AS (
-    SELECT queue FROM queue_settings
-    WHERE concurrency_limit IS NOT NULL AND queue IN (SELECT queue FROM done)
-), """ + _stats_from("done", "succeeded") + """, batch_progress AS (
-    UPDATE batches AS b
-    SET succeeded = b.succeeded + n.count,
-        finished_at = CASE WHEN b.succeeded + n.count + b.dead = b.total THEN now() END
-    FROM (SELECT batch_id, count(*)::int AS count FROM done WHERE batch_id IS NOT NULL GROUP BY batch_id) AS n
-    WHERE b.id = n.batch_id
-    RETURNING b.*
-), """ + _ENQUEUE_BATCH_CALLBACKS + """, settled AS (  -- dependents, as in COMPLETE
-    SELECT s.queue
-    FROM (SELECT array_agg(dependents_of) AS ids FROM done WHERE dependents_of IS NOT NULL) AS j,
-         (SELECT array_agg(id) FILTER (WHERE dead = 0) AS ok, array_agg(id) FILTER (WHERE dead > 0) AS bad
-          FROM batch_progress WHERE finished_at IS NOT NULL AND has_dependents) AS b,
-         LATERAL dj_settle_dependents(j.ids, b.ok, NULL, NULL, b.bad) AS s(queue)
-    WHERE j.ids IS NOT NULL OR b.ok IS NOT NULL OR b.bad IS NOT NULL
-)
-SELECT queue, pg_notify('""" + NOTIFY_CHANNEL + """', queue)
-FROM (SELECT queue FROM callbacks UNION SELECT queue FROM freed UNION SELECT queue FROM settled) AS wake
-UNION ALL
+""" + _finish_successes() + """UNION ALL
 SELECT NULL, NULL FROM (SELECT count(*) FROM told) AS t  -- a plain CTE runs only if read: this makes it run
 """
 
