@@ -383,7 +383,7 @@ def status(
         out.print(_status_table(doc))
         kept = doc["succeeded"]
         if kept["total"]:  # successes kept with keep= (dj jobs list --state succeeded)
-            out.print(f"succeeded (kept): {kept['total']} ("
+            out.print(f"succeeded (kept): {'~' if kept['estimated'] else ''}{kept['total']} ("
                       + ", ".join(f"{escape(q)} {n}" for q, n in sorted(kept["queues"].items())) + ")")
         for r in doc["rate_limits"]:
             out.print(f"rate limit of {r['scope']} {r['name']}: {r['rate']}, {r['used']} used in the current window",

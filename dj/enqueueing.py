@@ -125,8 +125,6 @@ class Plan:
     nothing), and the statements that insert them."""
 
     def __init__(self, name: str, options: Options, calls: list[Call]):
-        if options.after and options.limit_by is not None:
-            raise TypeError("after= is not supported for a task with limit_by yet")
         self.name = name
         self.options = options
         self.rows: list[Row] = [(*arguments_json(args, kwargs), key_from_args(options, name, args, kwargs),
@@ -190,7 +188,9 @@ class Plan:
         params = {"queue": o.queue, "priority": o.priority, "task": self.name,
                   "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
                   "trace_context": self.trace_context, "after_jobs": list(o.after[0]), "after_batches": list(o.after[1]),
-                  "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows]}
+                  "keep": o.keep, "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows],
+                  "keys": [r[2] for r in rows], "limit_keys": [r[3] for r in rows],
+                  "key_limit": o.limit if o.limit_by is not None else None}
         returned_rows = yield Execute(sql.ENQUEUE_AFTER, params)
         for job_id, _, _, unknown in returned_rows or ():
             if job_id is None:

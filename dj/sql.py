@@ -89,7 +89,8 @@ SELECT id, unique_key, (SELECT count(*) FROM woken) FROM inserted
 # - The new jobs wait (run_at 'infinity', out of the claim's `run_at <= now()`) while a dependency
 #   is unfinished, with one job_dependencies row for each such dependency; are dead at once, naming
 #   it, if one is dead (and count towards their batch as dead); and are ready otherwise.
-# Unique keys and the NOTIFY as in ENQUEUE; the NOTIFY only if a ready job went in.
+# Unique keys, limit keys, keep and the NOTIFY as in ENQUEUE; the NOTIFY only if a ready job went
+# in. A keyed dependent, once released, takes its place in its key's order by its release time.
 ENQUEUE_AFTER = """
 WITH job_deps AS (
     UPDATE jobs SET has_dependents = true
@@ -114,12 +115,14 @@ WITH job_deps AS (
                      WHERE finished AND dead ORDER BY id LIMIT 1)) AS dead_why
 ), inserted AS (
     INSERT INTO jobs (queue, priority, task, args, kwargs, run_at, max_attempts, timeout, unique_key, batch_id,
-                      failed_at, last_error, trace_context)
+                      failed_at, last_error, limit_key, key_limit, trace_context, keep)
     SELECT %(queue)s, %(priority)s, %(task)s, t.args::jsonb, t.kwargs::jsonb,
            CASE WHEN v.dead_why IS NULL AND v.unfinished > 0 THEN timestamptz 'infinity' ELSE now() END,
            %(max_attempts)s, %(timeout)s, t.unique_key, %(batch_id)s,
-           CASE WHEN v.dead_why IS NOT NULL THEN now() END, v.dead_why, %(trace_context)s::jsonb
-    FROM unnest(%(args)s::text[], %(kwargs)s::text[], %(keys)s::text[]) AS t(args, kwargs, unique_key), verdict AS v
+           CASE WHEN v.dead_why IS NOT NULL THEN now() END, v.dead_why, t.limit_key, %(key_limit)s,
+           %(trace_context)s::jsonb, %(keep)s
+    FROM unnest(%(args)s::text[], %(kwargs)s::text[], %(keys)s::text[], %(limit_keys)s::text[])
+         AS t(args, kwargs, unique_key, limit_key), verdict AS v
     WHERE NOT EXISTS (SELECT FROM unknown)
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND failed_at IS NULL DO NOTHING
     RETURNING id, unique_key, run_at = 'infinity' AS waiting, failed_at IS NOT NULL AS dead
@@ -755,7 +758,9 @@ FROM (SELECT queue FROM callbacks UNION SELECT queue FROM settled) AS wake
 CANCEL = """
 WITH cancelled AS (
     DELETE FROM jobs WHERE id = %(id)s AND locked_by IS NULL
-    RETURNING id, batch_id, failed_at IS NULL AS live, has_dependents
+    -- dj.result() on it stops waiting at once (and finds no such job).
+    RETURNING id, batch_id, failed_at IS NULL AS live, has_dependents,
+              pg_notify('""" + RESULTS_CHANNEL + """', id::text) AS told
 ), unlinked AS (
     DELETE FROM job_dependencies WHERE job_id = %(id)s AND EXISTS (SELECT FROM cancelled)
 ), batch_progress AS (
@@ -866,7 +871,9 @@ WHERE jobs.locked_by IS NOT NULL
       SELECT 1 FROM workers w
       WHERE w.name = jobs.locked_by
         AND w.heartbeat_at >= now() - %(lock_timeout)s * interval '1 second')
-RETURNING jobs.id, jobs.queue, jobs.last_error, jobs.failed_at IS NOT NULL AND jobs.has_dependents AS kills
+RETURNING jobs.id, jobs.queue, jobs.last_error, jobs.failed_at IS NOT NULL AND jobs.has_dependents AS kills,
+          -- A death ends the waits of dj.result() on it (dj/results.py), as FAIL's do.
+          CASE WHEN jobs.failed_at IS NOT NULL THEN pg_notify('""" + RESULTS_CHANNEL + """', jobs.id::text) END AS told
 ), settled AS (
     SELECT queue FROM dj_settle_dependents(NULL, NULL,
         ARRAY(SELECT id FROM reaped WHERE kills ORDER BY id),

@@ -128,6 +128,12 @@ def keep_seconds(keep: float | timedelta | None) -> float | None:
     return float(keep)
 
 
+def _check_after(options: Options) -> None:
+    if options.after and options.run_at is not None:
+        raise ValueError("run_at cannot be combined with after=: a dependent runs as soon as the "
+                         "jobs it waits for have succeeded")
+
+
 def _check_limit(limit_by: Callable[..., Any] | None, limit: int | None) -> None:
     if limit is not None and limit_by is None:
         raise ValueError("limit needs limit_by: the function that maps a job's arguments to its key")
@@ -233,9 +239,7 @@ class Enqueuer(Generic[P, R]):
 
     def _plan(self, calls: list[Call]) -> Plan | None:
         _check_priority(self.options.priority)
-        if self.options.after and self.options.run_at is not None:
-            raise ValueError("run_at cannot be combined with after=: a dependent runs as soon as the "
-                             "jobs it waits for have succeeded")
+        _check_after(self.options)
         plan = Plan(self.name, self.options, calls)
         return plan if plan.rows else None
 

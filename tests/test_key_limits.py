@@ -235,3 +235,23 @@ def test_a_queues_concurrency_limit_counts_keyed_and_plain_jobs_together(conn):
         conn.execute(sql.LOCK_LIMITED_QUEUES, {"queues": ["default"]})
         conn.execute(sql.LOCK_KEYS, {"queues": ["default"], "after_key": None, "max_keys": 50})
         assert conn.execute(sql.CLAIM, _claim_params("t2")).fetchall() == []
+
+
+def test_keyed_dependents_wait_for_their_dependency_then_keep_to_their_keys_limit(conn, run_burst):
+    first = keys.one.enqueue("t", "00", 0.2)
+    # Waiting for `first`, in t's key (limit 1), beside a ready job of another key.
+    after = keys.one.using(after=[first]).enqueue_many([("t", f"{i:02d}", 0.05) for i in range(1, 4)])
+    other = keys.one.using(after=[first]).enqueue("u", "00", 0.0)
+    assert conn.execute("SELECT count(*) FROM jobs WHERE run_at = 'infinity' AND limit_key IS NOT NULL"
+                        ).fetchone()[0] == 4
+    run_burst(("default",), 2, 4)
+    done = runs(conn)
+    t = done["t"]
+    assert len(t) == 4 and done["u"]["00"][0] >= t["00"][1]
+    # Released together, they still run one at a time under t's limit of 1.
+    by_start = sorted(t, key=lambda m: t[m][0])
+    assert by_start[0] == "00"
+    for prev, nxt in zip(by_start, by_start[1:]):
+        assert t[nxt][0] >= t[prev][1], (prev, nxt)
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+    assert len(after) == 3 and other

@@ -10,7 +10,7 @@ import json
 import os
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
@@ -131,6 +131,33 @@ def test_a_dead_job_raises_job_dead_with_its_last_error(db_url, cli, worker_proc
         asyncio.run(waits())
 
 
+def test_a_dependent_killed_or_cancelled_ends_a_result_wait_at_once(db_url, conn, cli, worker_process, monkeypatch):
+    # Only a NOTIFY can end these waits in time: the fallback poll is pushed past the test.
+    monkeypatch.setattr(dj.results, "POLL_WITH_LISTEN", 120.0)
+    worker = worker_process("--concurrency", "2", env=RESULT_TASKS)
+    worker.wait_for_log("started")
+    doomed = kept_failure.using(run_at=datetime.now(timezone.utc) + timedelta(seconds=1)).enqueue("dep")
+    dependent = total.using(after=[doomed]).enqueue(1, 2)  # dies with `doomed`, in dj_settle_dependents
+    started = time.monotonic()
+    with pytest.raises(dj.JobDead, match=f"dependency job {doomed} is dead"):
+        dj.result(dependent, timeout=30)
+    assert time.monotonic() - started < 15
+
+    later = total.using(run_at=datetime.now(timezone.utc) + timedelta(hours=1)).enqueue(3, 4)
+    threading.Timer(0.5, lambda: cli("jobs", "cancel", str(later))).start()
+    started = time.monotonic()
+    with pytest.raises(LookupError, match=f"no job {later}"):
+        dj.result(later, timeout=30)
+    assert time.monotonic() - started < 15
+
+
+def test_a_kept_dependent_keeps_its_result(conn, cli):
+    first = total.enqueue(1, 1)
+    second = total.using(after=[first]).enqueue(2, 2)
+    burst(cli, 2)
+    assert dj.result(first, timeout=5)["sum"] == 2 and dj.result(second, timeout=5)["sum"] == 4
+
+
 def test_unknown_not_kept_and_timed_out(db_url):
     with pytest.raises(LookupError, match="no job 123456"):
         dj.result(123456)
@@ -206,6 +233,29 @@ def test_pruning_goes_in_small_batches_one_worker_at_a_time(db_url, conn, cli):
         "worker-a", 1)
 
 
+def test_a_long_history_is_counted_up_to_a_cap_then_estimated(conn, monkeypatch):
+    from dj import admin, history
+
+    conn.execute("""INSERT INTO job_results (id, queue, priority, task, args, kwargs, attempts, max_attempts,
+                                             created_at, run_at, finished_at, expires_at, run_seconds)
+                    SELECT i, CASE WHEN i % 4 = 0 THEN 'reports' ELSE 'default' END, 0, 'test.total', '[]', '{}',
+                           1, 25, now(), now(), now(), now() + interval '1 hour', 0.01
+                    FROM generate_series(1, 20000) AS i""")
+    conn.execute("ANALYZE job_results")
+    exact = admin.status(conn)["succeeded"]
+    assert exact == {"total": 20000, "queues": {"default": 15000, "reports": 5000}, "estimated": False}
+    monkeypatch.setattr(history, "COUNT_CAP", 1000)
+    # Grown since the ANALYZE: the estimate follows the table's size, not the stale statistics.
+    conn.execute("""INSERT INTO job_results (id, queue, priority, task, args, kwargs, attempts, max_attempts,
+                                             created_at, run_at, finished_at, expires_at, run_seconds)
+                    SELECT id + 20000, queue, priority, task, args, kwargs, attempts, max_attempts, created_at,
+                           run_at, finished_at, expires_at, run_seconds FROM job_results""")
+    estimated = admin.status(conn)["succeeded"]
+    assert estimated["estimated"] is True
+    assert 30000 <= estimated["total"] <= 50000, estimated
+    assert 0.6 <= estimated["queues"]["default"] / estimated["total"] <= 0.9, estimated
+
+
 def test_history_in_the_cli_status_and_metrics(db_url, cli):
     wide = {"COLUMNS": "200"}
     ids = [total.enqueue(i, 1) for i in range(3)]
@@ -231,7 +281,7 @@ def test_history_in_the_cli_status_and_metrics(db_url, cli):
     assert retried.returncode == 2 and retried.stderr.startswith("error: job") and "succeeded" in retried.stderr
 
     doc = json.loads(cli("status", "--json").stdout)
-    assert doc["succeeded"] == {"total": 4, "queues": {"default": 3, "reports": 1}}
+    assert doc["succeeded"] == {"total": 4, "queues": {"default": 3, "reports": 1}, "estimated": False}
     assert set(doc["totals"]) == {"ready", "scheduled", "running", "dead", "retrying", "waiting"}  # unchanged
     human = cli("status", env=wide).stdout
     assert "succeeded (kept): 4 (default 3, reports 1)" in human

@@ -11,6 +11,7 @@ import pytest
 
 import dj
 from dj import db, job, testing
+from dj.dependencies import UnknownDependency
 
 LOG: list = []
 
@@ -527,3 +528,59 @@ def test_no_database_is_touched(dj_jobs, monkeypatch):
     with pytest.raises(dj.DatabaseUnavailable):
         with dj.batch():
             pass
+
+
+# --- after= in the test mode: the order and the deaths production gives -------------------------
+
+@pytest.mark.no_database
+def test_drain_runs_dependents_after_what_they_wait_for_and_kills_those_of_a_failure():
+    @dj.job(name="test.testing_note")
+    def record(marker: str) -> str:
+        return marker
+
+    @dj.job(name="test.testing_fail")
+    def fail(marker: str) -> None:
+        raise ValueError(f"boom {marker}")
+
+    with dj.testing.capture() as jobs:
+        a = record.using(priority=5).enqueue("a")
+        b = record.using(after=[a], priority=-5).enqueue("b")  # a better priority, but it waits for a
+        with dj.batch() as batch:
+            c1 = record.enqueue("c1")
+            record.enqueue("c2")
+        d = record.using(after=[b, batch], priority=-9).enqueue("d")
+        bad = fail.enqueue("bad")
+        e = record.using(after=[bad]).enqueue("e")
+        f = record.using(after=[e]).enqueue("f")
+        with pytest.raises(UnknownDependency, match="job 999"):
+            record.using(after=[999]).enqueue("never")
+        # c1, c2 (priority 0) and a (5) are ready; b (-5) once a has run; d (-9) once b and the batch.
+        assert jobs.drain(task=record) == 5
+        assert [r.args[0] for r in jobs.performed] == ["c1", "c2", "a", "b", "d"]
+        assert {r.args[0] for r in jobs.jobs} == {"bad", "e", "f"}  # e and f wait for bad
+        with pytest.raises(ValueError, match="boom bad"):
+            jobs.drain()  # bad raises; its dependents then die down the chain, never run
+        assert jobs.drain() == 0 and jobs.jobs == []
+        dead = {r.id: str(r.error) for r in jobs.failed}
+        assert dead[e] == f"dependency job {bad} is dead" and dead[f] == f"dependency job {e} is dead"
+        with pytest.raises(dj.JobDead, match=f"dependency job {bad} is dead"):
+            jobs.result(e)
+        assert jobs.performed[-1].id == d and jobs.performed[0].id == c1
+
+
+@pytest.mark.no_database
+def test_inline_runs_a_dependent_once_the_job_it_waits_for_has_returned():
+    from dj import current_job
+
+    order: list[str] = []
+
+    @dj.job(name="test.testing_chain")
+    def chain(step: str) -> None:
+        if step == "first":
+            # Enqueued while `first` runs, it must not start before `first` has returned.
+            chain.using(after=[current_job().id]).enqueue("second")
+        order.append(step)
+
+    with dj.testing.inline() as jobs:
+        chain.enqueue("first")
+        assert order == ["first", "second"] and len(jobs.performed) == 2

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import batches, connections, enqueueing, task as _task
+from ..dependencies import UnknownDependency
 from ..context import JobContext, _set_current
 from ..errors import DJError, JobDead, ResultError, ResultNotKept
 from .records import ANY, CapturedJob, assert_matches, aware, matching, positive, task_name, utcnow
@@ -49,13 +50,16 @@ class Jobs:
 
     `jobs` holds the jobs not run yet, in the order they were enqueued; `performed` those that ran
     and returned; `failed` those that raised (each with its `error`). A drained job that raises is
-    not retried: it counts as dead for its batch, and its exception propagates.
+    not retried: it counts as dead for its batch, and its exception propagates. A job enqueued with
+    after= runs once what it waits for has run and returned, and lands in `failed` (never run) when
+    one of those raised; one still waiting when drain() ends stays in `jobs`.
     """
 
     def __init__(self, run_at_once: bool = False):
         self.jobs: list[CapturedJob] = []
         self.performed: list[CapturedJob] = []
         self.failed: list[CapturedJob] = []
+        self._running_ids: set[int] = set()
         self._inline = run_at_once
         self._lock = threading.RLock()  # enqueues may come from any thread
         self._ids = itertools.count(1)
@@ -87,6 +91,7 @@ class Jobs:
         o = enqueuer.options
         # The checks production makes before it writes, all of them before anything is recorded.
         _task._check_priority(o.priority)
+        _task._check_after(o)
         _check_driver(o.conn)
         prepared = [(*enqueueing.arguments_json(args, kwargs),
                      enqueueing.key_from_args(o, enqueuer.name, args, kwargs)) for args, kwargs in calls]
@@ -97,6 +102,7 @@ class Jobs:
         batch = batches.current_batch()
         ids, new = [], []
         with self._lock:
+            after = self._check_dependencies(o.after) if o.after else ((), ())
             for args_json, kwargs_json, key in prepared:
                 holder = self._held.get(key) if key is not None else None
                 if holder is not None:
@@ -104,7 +110,7 @@ class Jobs:
                     continue
                 record = CapturedJob(next(self._ids), enqueuer.name, json.loads(args_json), json.loads(kwargs_json),
                                      o.queue, o.priority, run_at, now, o.max_attempts, o.timeout, key,
-                                     batch.id if batch else None, keep=o.keep)
+                                     batch.id if batch else None, keep=o.keep, after=after)
                 if key is not None:
                     self._held[key] = record
                 self.jobs.append(record)
@@ -112,10 +118,55 @@ class Jobs:
                 new.append(record)
             if batch:
                 batch.total += len(new)
+        self._settle()
         if self._inline:
+            # Dependencies run at their enqueue here, so a dependent is ready (or dead) at once;
+            # one waiting for a batch that is still open runs at the next drain().
             for record in new:
-                self._run_now(record)
+                if record in self.jobs and self._dependency_state(record) == "ready":
+                    self._run_now(record)
         return ids
+
+    # Dependencies (after=), as production has them (dj/dependencies.py): a dependent waits while a
+    # job or batch it names is unfinished, and dies, naming it, when one is dead or cancelled.
+
+    def _check_dependencies(self, after: tuple[tuple[int, ...], tuple[int, ...]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        job_ids, batch_ids = after
+        issued = next(self._ids)  # ids are drawn from one counter; this one is then unused
+        unknown = [f"job {j}" for j in job_ids if not 1 <= j < issued]
+        unknown += [f"batch {b}" for b in batch_ids if b not in self._batches]
+        if unknown:
+            raise UnknownDependency(f"after= names no such {', '.join(unknown)}: it never existed")
+        return after
+
+    def _dependency_state(self, record: CapturedJob) -> str:
+        """'ready', 'waiting', or why it must die."""
+        job_ids, batch_ids = record.after
+        waiting = False
+        for j in job_ids:
+            if any(r.id == j for r in self.failed):
+                return f"dependency job {j} is dead"
+            # Neither pending nor running: it succeeded (or was cleared).
+            waiting = waiting or j in self._running_ids or any(r.id == j for r in self.jobs)
+        for b in batch_ids:
+            state = self._batches[b]
+            if state.finished and state.dead:
+                return f"dependency batch {b} finished with dead or cancelled jobs"
+            waiting = waiting or not state.finished
+        return "waiting" if waiting else "ready"
+
+    def _settle(self) -> None:
+        """Kill the dependents of dead jobs and batches, down the chain."""
+        while True:
+            with self._lock:
+                doomed = [(r, why) for r in self.jobs if r.after != ((), ())
+                          and (why := self._dependency_state(r)) not in ("ready", "waiting")]
+                for record, _ in doomed:
+                    self.jobs.remove(record)
+            if not doomed:
+                return
+            for record, why in doomed:
+                self._finished(record, DJError(why))
 
     # Batches (the `_recorder` seam of dj.batches): opened, closed and completed in memory.
 
@@ -222,9 +273,11 @@ class Jobs:
 
     def _next(self, task: Any, queue: str | None) -> CapturedJob | None:
         """Take the job a worker would claim first (it stays out of `jobs` while it runs)."""
+        self._settle()
         with self._lock:
             candidates = [j for j in self.jobs if (queue is None or j.queue == queue)
-                          and (task is ANY or j.task == task_name(task))]
+                          and (task is ANY or j.task == task_name(task))
+                          and (j.after == ((), ()) or self._dependency_state(j) == "ready")]
             if not candidates:
                 return None
             record = min(candidates, key=lambda j: (j.priority, j.run_at, j.id))
@@ -283,6 +336,15 @@ class Jobs:
                     state.dead += 1
         if state is not None:
             self._maybe_finish_batch(record.batch_id)  # type: ignore[arg-type]
+        if self._inline:
+            self._run_released()
+
+    def _run_released(self) -> None:
+        """Inline: run the dependents that a job's end has released, as a worker would be woken to."""
+        self._settle()
+        while (record := next((r for r in list(self.jobs) if r.after != ((), ())
+                               and self._dependency_state(r) == "ready"), None)) is not None:
+            self._run_now(record)
 
     def _await(self, awaitable: Any) -> Any:
         """Run a coroutine job to its end from sync code, on an event loop of this capture's."""
@@ -323,6 +385,7 @@ class _Running:
 
     def __enter__(self) -> None:
         r = self.record
+        self.jobs._running_ids.add(r.id)
         self.tokens = (_set_current(_TestJobContext(id=r.id, task=r.task, queue=r.queue, attempt=1,
                                                     worker="dj.testing", record=r)),
                        batches._current.set(None))
@@ -331,6 +394,7 @@ class _Running:
         job_token, batch_token = self.tokens
         batches._current.reset(batch_token)
         _set_current(None, job_token)
+        self.jobs._running_ids.discard(self.record.id)
         self.jobs._finished(self.record, exc)
 
 

@@ -36,6 +36,7 @@ class CapturedJob:
     error: BaseException | None = None  # what it raised, for a job in `failed`
     keep: float | None = None  # seconds its success is kept (keep=); None: not kept
     result: Any = None  # what it returned, after a round trip through JSON (for dj.result())
+    after: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # after=: (job ids, batch ids) it waits for
 
     @property
     def scheduled(self) -> bool:

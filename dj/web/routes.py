@@ -137,7 +137,7 @@ def history_page(request: Request) -> HTMLResponse:
         # Newest first: page backwards from the end (or from `before`), PAGE_SIZE + 1 to see if more.
         rows = history.list_results(conn, queue, f"%{task}%" if task else None, PAGE_SIZE + 1,
                                     before_id=before if before is not None else 2**63 - 1)
-        queue_names = sorted(history.counts(conn))
+        queue_names = sorted(history.counts(conn)[0])
     rows.reverse()
     more = len(rows) > PAGE_SIZE
     rows = rows[:PAGE_SIZE]
