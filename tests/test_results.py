@@ -151,6 +151,22 @@ def test_a_dependent_killed_or_cancelled_ends_a_result_wait_at_once(db_url, conn
     assert time.monotonic() - started < 15
 
 
+def test_a_death_by_the_reaper_is_announced_to_result_waiters(db_url, conn):
+    from dj import sql
+
+    job_id = kept_failure.enqueue("orphan")
+    # As a worker that took its last attempt and vanished: locked long ago, by no live worker.
+    conn.execute("UPDATE jobs SET locked_by = 'gone', locked_at = now() - interval '1 hour', attempts = 1 "
+                 "WHERE id = %s", (job_id,))
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute("LISTEN " + sql.RESULTS_CHANNEL)
+        conn.execute(sql.REAP_ORPHANS, {"lock_timeout": 1})
+        told = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
+    assert told == [str(job_id)]
+    with pytest.raises(dj.JobDead, match="stopped heartbeating"):
+        dj.result(job_id, timeout=5)
+
+
 def test_a_kept_dependent_keeps_its_result(conn, cli):
     first = total.enqueue(1, 1)
     second = total.using(after=[first]).enqueue(2, 2)
