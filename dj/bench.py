@@ -41,7 +41,7 @@ import psycopg
 from psycopg import conninfo
 from psycopg import sql as pgsql
 
-from . import bench_async, bench_async_drain, bench_keep, bench_pooler, bench_snapshot, config, db
+from . import bench_async, bench_async_drain, bench_deps, bench_keep, bench_pooler, bench_snapshot, config, db
 from .context import current_job
 from .bench_peers import PEERS, log_tail
 from .errors import DJError
@@ -65,7 +65,7 @@ RAW_BATCH = 100
 # dj's async drain should be at least 10x theirs (issue 13).
 PEERS_10X = ("oban", "pgqueuer")
 # What `dj bench --only` can pick, in the order a full run measures them.
-SECTIONS = ("bulk", "single", "async-single", "drain", "keep", "latency", "pgbouncer", "soak", "old-snapshot", "fairness",
+SECTIONS = ("bulk", "single", "async-single", "drain", "keep", "deps", "latency", "pgbouncer", "soak", "old-snapshot", "fairness",
             "rebuild", "peers")
 ROUNDS = 3  # the drains, the plain-SQL ceiling and the bulk enqueue are each the median of this many
 
@@ -245,6 +245,7 @@ class _Bench:
         total += 1  # fairness
         total += bench_async_drain.PROCESSES in processes
         total += 1  # keep
+        total += 1  # deps
         self.steps = _Steps(progress, total)
 
     def queue(self, part: str) -> str:
@@ -296,8 +297,11 @@ class _Bench:
                     if p == biggest and self.wants("old-snapshot"):
                         result["old_snapshot"] = bench_snapshot.measure(self, pool, q, self.soak_jobs)
             if self.wants("keep"):
-                self.steps.start(f"drain {self.jobs:,} jobs with keep= and without, alternately")
+                self.steps.start(f"drain {bench_keep.round_jobs(self):,} jobs with keep= and without, alternately")
                 result["keep"] = bench_keep.measure(self)
+            if self.wants("deps"):
+                self.steps.start("drain jobs waiting for batches, and a chain of dependencies")
+                result["deps"] = bench_deps.measure(self)
             if self.wants("pgbouncer"):
                 self.steps.start("drain through PgBouncer, beside the direct drain")
                 result["pgbouncer"] = bench_pooler.measure(self, _WorkerPool, ROUNDS)
@@ -732,6 +736,7 @@ def table(doc: dict[str, Any]):
         t.add_row(f"drain, {p} process{'es' if p != '1' else ''}", _n(rate), goal, _mark(ok))
     bench_async_drain.add_rows(t, doc, _n, _mark)
     bench_keep.add_rows(t, doc, _n, _mark)
+    bench_deps.add_rows(t, doc, _n, _mark)
     bulk = doc.get("enqueue_bulk_per_s")
     if "enqueue_bulk_per_s" in doc:
         t.add_row("enqueue_many (bulk)", _n(bulk), ">= 100,000/s", _mark(_num(bulk) and bulk >= 100_000))

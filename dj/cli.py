@@ -672,7 +672,7 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="A small run, well under a minute.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     only: Annotated[Optional[str], typer.Option("--only", help="Measure only these sections, comma-separated: "
-                                                "bulk, single, async-single, drain, keep, latency, pgbouncer, soak, old-snapshot, "
+                                                "bulk, single, async-single, drain, keep, deps, latency, pgbouncer, soak, old-snapshot, "
                                                 "fairness, rebuild, peers.")
                     ] = None,
     database_url: DatabaseUrl = None,

@@ -162,7 +162,7 @@ class Enqueuer(Generic[P, R]):
         if conn is not None:
             connections.is_async(conn)  # a TypeError here, for anything it cannot be
         options: dict[str, Any] = dict(changes)
-        if "after" in options:
+        if "after" in options and options["after"] is not None:  # None: waits for nothing, as leaving it out
             after = split(options["after"])
             options["after"] = after if after[0] or after[1] else None
         if "keep" in options:

@@ -58,6 +58,10 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
     for key in ("per_s", "off_per_s", "ratio"):  # the keep section (issue 15)
         assert _number(doc["keep"][key]) and doc["keep"][key] > 0, key
     assert doc["keep"]["kept_rows"] > 0
+    deps = doc["deps"]  # the deps section (issue 15)
+    for key in ("per_s", "plain_per_s", "ratio"):
+        assert _number(deps[key]) and deps[key] > 0, key
+    assert deps["hops"] == 20 and 0 < deps["hop_ms"]["p50"] <= deps["hop_ms"]["p99"] <= deps["hop_ms"]["max"]
     assert "peers" not in doc  # only with --peers
     machine = doc["machine"]
     assert _number(machine["cpu_count"]) and machine["postgresql"] and machine["python"]
@@ -68,6 +72,8 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
         assert conn.execute("SELECT count(*) FROM job_stats WHERE queue LIKE 'bench-%'").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM job_results WHERE queue LIKE 'bench-%'").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM workers").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM batches").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM job_dependencies").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'dj_bench%'").fetchone()[0] == 0
         # the scratch database of the rebuild is dropped (databases left by other, interrupted
         # runs on the same server are not this run's)
@@ -80,6 +86,7 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
     assert "drain, 2 processes" in text and "latency p50/p95/p99" in text and "rebuild" in text
     assert "old snapshot" in text and "enqueue_async, one per call" in text
     assert "fairness: last of B's 100 jobs started" in text
+    assert "drain with after= a batch" in text and "dependency chain of 20 hops" in text
 
 
 @pytest.mark.no_database

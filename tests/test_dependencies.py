@@ -290,6 +290,7 @@ def test_the_cli_enqueues_with_after(conn, cli):
 @pytest.mark.no_database
 def test_after_takes_job_ids_and_batches_only():
     assert split([3, 1, 3, BatchRef(2)]) == ((3, 1), (2,))
+    assert record.using(after=None).options.after is None and record.using(after=[]).options.after is None
     for bad in (["1"], [True], [1.0], 5, "12"):
         with pytest.raises(TypeError):
             split(bad)
