@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +89,7 @@ class Notifier:
         wait = self.poll_interval
         cursors = self.cursors
         while not self.stopping.wait(wait):
+            started = time.monotonic()
             from_head = cursors.head_is_cheap(POLL_SLOW)
             rows = conn.execute(sql.POLL, {**self.poll_params,
                                            **(cursors.head() if from_head else cursors.positions())}).fetchall()
@@ -96,7 +98,11 @@ class Notifier:
                 cursors.probed({r[0]: (r[2], r[3], r[4]) for r in rows if r[4] is not None}, took)
             # A slow read from the head is followed by reads from the positions: no need to wait.
             slow = took > POLL_SLOW and not from_head
-            wait = max(self.poll_interval, POLL_COST_FACTOR * took) if slow else self.poll_interval
+            # Polls start every interval, however long the round trip took (a wait of a whole
+            # interval after each poll made the period interval + round trip, the tail of the pickup
+            # latency longer by as much).
+            wait = (max(self.poll_interval, POLL_COST_FACTOR * took) if slow
+                    else max(0.0, self.poll_interval - (time.monotonic() - started)))
             now_paused = {r[0] for r in rows if r[1]}
             for queue in sorted(now_paused - paused):  # what the settings NOTIFY would have said
                 self.on_settings(json.dumps({"queue": queue, "paused": True}))
