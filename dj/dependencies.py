@@ -99,5 +99,20 @@ SELECT EXISTS (
 """
 
 
+# Whether any job waits in these queues (jobs_waiting_idx): nearly always not, and then the walk
+# above need not be planned at all.
+ANY_WAITING = """
+SELECT EXISTS (SELECT FROM jobs WHERE queue = ANY(%s) AND run_at = 'infinity' AND failed_at IS NULL
+                                  AND locked_by IS NULL)
+"""
+
+
 def releasable(conn: psycopg.Connection[Any], queues: list[str]) -> bool:
-    return bool(conn.execute(RELEASABLE, (queues,)).fetchone()[0])  # type: ignore[index]
+    if not conn.execute(ANY_WAITING, (queues,)).fetchone()[0]:  # type: ignore[index]
+        return False
+    with conn.transaction():
+        # The walk's estimated cost (a scan of jobs per batch it meets) is above a stock server's
+        # jit_above_cost, and JIT compiled it on every call: 0.55 s of a 0.6 s call on PostgreSQL
+        # 15 at the end of a 50k-job drain. Off for this transaction only (safe behind a pooler).
+        conn.execute("SELECT set_config('jit', 'off', true)")
+        return bool(conn.execute(RELEASABLE, (queues,)).fetchone()[0])  # type: ignore[index]

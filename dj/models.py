@@ -88,6 +88,12 @@ class Job(Base):
         Index("jobs_unique_key_idx", "unique_key", unique=True,
               postgresql_where=text("unique_key IS NOT NULL AND failed_at IS NULL")),
         Index("jobs_dead_idx", "queue", "failed_at", postgresql_where=text("failed_at IS NOT NULL")),
+        # Jobs waiting for their dependencies (run_at 'infinity', dj/dependencies.py), per queue:
+        # what a --burst worker with nothing to claim asks about (dependencies.RELEASABLE). Without
+        # it that question read the whole heap, dead rows of the drain included: 0.6 s at the end
+        # of a 50k-job drain. Only waiting jobs have an entry, so other jobs pay nothing.
+        Index("jobs_waiting_idx", "queue",
+              postgresql_where=text("run_at = 'infinity' AND failed_at IS NULL AND locked_by IS NULL")),
     )
 
 
