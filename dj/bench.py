@@ -491,12 +491,24 @@ class _Bench:
 
     # --- soak ---------------------------------------------------------------------------------
 
+    def round_counters(self) -> dict[str, int]:
+        """Checkpoints the server has begun, and dj's vacuums of jobs (the maintenance lease's runs)."""
+        checkpoints = ("SELECT num_timed + num_requested FROM pg_stat_checkpointer"  # PostgreSQL 17 on
+                       if self.conn.info.server_version >= 170000 else
+                       "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
+        row = self.conn.execute(
+            f"SELECT ({checkpoints}), (SELECT coalesce(sum(runs), 0) FROM maintenance WHERE name = 'vacuum jobs')"
+        ).fetchone()
+        return {"checkpoints": int(row[0]), "vacuums": int(row[1])}
+
     def table_bytes(self) -> int:
         return self.conn.execute("SELECT pg_total_relation_size('jobs')").fetchone()[0]
 
     def soak(self, pool: _WorkerPool, q: str, processes: int) -> dict[str, Any]:
         before = peak = self.table_bytes()
         rates: list[float] = []
+        # What may slow a round, per round: checkpoints begun and dj's own vacuums of jobs.
+        events: list[dict[str, int]] = []
         done = 0
         rounds = math.ceil(self.soak_jobs / self.soak_round)
         for r in range(rounds):
@@ -505,15 +517,18 @@ class _Bench:
                              f" ({processes} process{'es' if processes > 1 else ''})")
             noop.using(queue=q).enqueue_many([()] * n)
             t0 = time.perf_counter()
+            counters = self.round_counters()
             peak = max(peak, self.table_bytes())
             t1 = self.wait_empty(pool, q, n)
             self.check_no_dead(q)
             rates.append(_rate(n, t1 - t0))
+            events.append({k: v - counters[k] for k, v in self.round_counters().items()})
             done += n
         after = self.table_bytes()
         first, last = (rates[0], rates[-1]) if rates else (math.nan, math.nan)
         return {"jobs": done, "round": self.soak_round, "processes": processes, "first_per_s": first,
                 "last_per_s": last, "ratio": last / first if rates else math.nan, "rounds_per_s": rates,
+                "rounds_events": events,
                 "table_bytes_before": before, "table_bytes_peak": peak, "table_bytes_after": after}
 
     # --- scratch database: the rebuild and the peers ------------------------------------------

@@ -44,6 +44,9 @@ def test_quick_json_reports_every_key_as_numbers_and_cleans_up(cli, db_url):
     assert doc["latency_ms"]["p50"] <= doc["latency_ms"]["p95"] <= doc["latency_ms"]["p99"]
     for key in ("first_per_s", "last_per_s", "ratio", "table_bytes_before", "table_bytes_after"):
         assert _number(doc["soak"][key]), key
+    events = doc["soak"]["rounds_events"]
+    assert len(events) == len(doc["soak"]["rounds_per_s"]) and all(
+        e["checkpoints"] >= 0 and e["vacuums"] >= 0 for e in events)
     for key in ("without_per_s", "with_per_s", "ratio", "held_s"):
         assert _number(doc["old_snapshot"][key]), key
     assert _number(doc["old_snapshot"]["latency_ms"]["p99"])
