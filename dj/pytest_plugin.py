@@ -15,6 +15,7 @@ until a fixture is used.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,4 +104,16 @@ def empty_tables(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         tables = [r[0] for r in conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")]
-        conn.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE")
+        truncate = "TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE"
+        # A worker that outlives one test (a module-scoped one, say) keeps reading jobs and
+        # queue_settings, about once a second (its probe). TRUNCATE locks the tables one after
+        # another, so it can deadlock with such a read that locked them in the other order; the
+        # server then cancels one of the two, often the TRUNCATE. Try again: the read has ended.
+        for attempt in range(5):
+            try:
+                conn.execute(truncate)
+                return
+            except psycopg.errors.DeadlockDetected:
+                if attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
