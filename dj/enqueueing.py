@@ -173,24 +173,23 @@ class Plan:
             args_json, kwargs_json, key, limit_key = rows[0]
             found = yield Execute(statement, row_params(self.name, o, args_json, kwargs_json, key, batch_id, limit_key))
             return [found[0][0] if found else None]
-        params = {"queue": o.queue, "priority": o.priority, "task": self.name, "run_at": o.run_at,
-                  "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
-                  "trace_context": self.trace_context, "keep": o.keep,
-                  "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows],
-                  "limit_keys": [r[3] for r in rows], "key_limit": o.limit if o.limit_by is not None else None}
-        returned_rows = yield Execute(sql.ENQUEUE, params)
+        returned_rows = yield Execute(sql.ENQUEUE, {**self._many_params(rows, batch_id), "run_at": o.run_at})
         return _line_up(rows, [(job_id, key) for job_id, key, _ in returned_rows or ()])
+
+    def _many_params(self, rows: list[Row], batch_id: int | None) -> dict[str, Any]:
+        """The parameters ENQUEUE and ENQUEUE_AFTER share: one builder, so that a column added to
+        one cannot be forgotten in the other (ENQUEUE_AFTER once lost `keep` that way)."""
+        o = self.options
+        return {"queue": o.queue, "priority": o.priority, "task": self.name, "max_attempts": o.max_attempts,
+                "timeout": o.timeout, "batch_id": batch_id, "trace_context": self.trace_context, "keep": o.keep,
+                "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows], "keys": [r[2] for r in rows],
+                "limit_keys": [r[3] for r in rows], "key_limit": o.limit if o.limit_by is not None else None}
 
     def _insert_after(self, rows: list[Row], batch_id: int | None) -> Inserting:
         """Insert rows that wait for other jobs or batches (ENQUEUE_AFTER; dj/dependencies.py)."""
-        o = self.options
-        assert o.after is not None
-        params = {"queue": o.queue, "priority": o.priority, "task": self.name,
-                  "max_attempts": o.max_attempts, "timeout": o.timeout, "batch_id": batch_id,
-                  "trace_context": self.trace_context, "after_jobs": list(o.after[0]), "after_batches": list(o.after[1]),
-                  "keep": o.keep, "args": [r[0] for r in rows], "kwargs": [r[1] for r in rows],
-                  "keys": [r[2] for r in rows], "limit_keys": [r[3] for r in rows],
-                  "key_limit": o.limit if o.limit_by is not None else None}
+        after = self.options.after
+        assert after is not None
+        params = {**self._many_params(rows, batch_id), "after_jobs": list(after[0]), "after_batches": list(after[1])}
         returned_rows = yield Execute(sql.ENQUEUE_AFTER, params)
         for job_id, _, _, unknown in returned_rows or ():
             if job_id is None:
