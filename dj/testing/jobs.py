@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
-import itertools
 import json
 import sys
 import threading
@@ -62,7 +61,7 @@ class Jobs:
         self._running_ids: set[int] = set()
         self._inline = run_at_once
         self._lock = threading.RLock()  # enqueues may come from any thread
-        self._ids = itertools.count(1)
+        self._last_id = 0  # jobs and batches draw their ids from this one counter (see _new_id)
         self._held: dict[str, CapturedJob] = {}  # unique key -> the pending or running job holding it
         self._batches: dict[int, _Batch] = {}
         self.batch_results: dict[int, Any] = {}  # what dj.batches.record_result() stored, by batch id
@@ -108,7 +107,7 @@ class Jobs:
                 if holder is not None:
                     ids.append(holder.id)
                     continue
-                record = CapturedJob(next(self._ids), enqueuer.name, json.loads(args_json), json.loads(kwargs_json),
+                record = CapturedJob(self._new_id(), enqueuer.name, json.loads(args_json), json.loads(kwargs_json),
                                      o.queue, o.priority, run_at, now, o.max_attempts, o.timeout, key,
                                      batch.id if batch else None, keep=o.keep, after=after)
                 if key is not None:
@@ -127,13 +126,17 @@ class Jobs:
                     self._run_now(record)
         return ids
 
+    def _new_id(self) -> int:
+        with self._lock:
+            self._last_id += 1
+            return self._last_id
+
     # Dependencies (after=), as production has them (dj/dependencies.py): a dependent waits while a
     # job or batch it names is unfinished, and dies, naming it, when one is dead or cancelled.
 
     def _check_dependencies(self, after: tuple[tuple[int, ...], tuple[int, ...]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         job_ids, batch_ids = after
-        issued = next(self._ids)  # ids are drawn from one counter; this one is then unused
-        unknown = [f"job {j}" for j in job_ids if not 1 <= j < issued]
+        unknown = [f"job {j}" for j in job_ids if not 1 <= j <= self._last_id]
         unknown += [f"batch {b}" for b in batch_ids if b not in self._batches]
         if unknown:
             raise UnknownDependency(f"after= names no such {', '.join(unknown)}: it never existed")
@@ -173,7 +176,7 @@ class Jobs:
     def open_batch(self, b: batches.Batch) -> int:
         name, args_json, kwargs_json, queue, _ = b._row
         with self._lock:
-            batch_id = next(self._ids)
+            batch_id = self._new_id()
             self._batches[batch_id] = _Batch(name, json.loads(args_json), json.loads(kwargs_json), queue)
         return batch_id
 
@@ -198,7 +201,7 @@ class Jobs:
                 return
             now = utcnow()
             summary = {"id": batch_id, "total": state.total, "succeeded": state.succeeded, "dead": state.dead}
-            record = CapturedJob(next(self._ids), state.on_complete, list(state.args),
+            record = CapturedJob(self._new_id(), state.on_complete, list(state.args),
                                  {**state.kwargs, "batch": summary}, state.queue, 0, now, now)
             self.jobs.append(record)
         if self._inline:
