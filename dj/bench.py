@@ -434,7 +434,12 @@ class _Bench:
 
     def fill_and_drain(self, pool: _WorkerPool, q: str, n: int) -> float:
         noop.using(queue=q).enqueue_many([()] * n)
-        t0 = time.perf_counter()  # committed: the workers were woken by its NOTIFY
+        return self.timed_drain(pool, q, n)
+
+    def timed_drain(self, pool: Any, q: str, n: int) -> float:
+        """The rate at which `pool` drains the n jobs just committed to `q` (the commit's NOTIFY
+        woke the workers), checked to have left no dead job."""
+        t0 = time.perf_counter()
         t1 = self.wait_empty(pool, q, n)
         self.check_no_dead(q)
         return _rate(n, t1 - t0)
@@ -515,9 +520,9 @@ class _Bench:
             n = min(self.soak_round, self.soak_jobs - done)
             self.steps.start(f"soak: round {r + 1}/{rounds}, {done + n:,} of {self.soak_jobs:,} jobs"
                              f" ({processes} process{'es' if processes > 1 else ''})")
+            counters = self.round_counters()
             noop.using(queue=q).enqueue_many([()] * n)
             t0 = time.perf_counter()
-            counters = self.round_counters()
             peak = max(peak, self.table_bytes())
             t1 = self.wait_empty(pool, q, n)
             self.check_no_dead(q)

@@ -8,7 +8,6 @@ are both up, so that a change of load on the machine hits both alike; the ratio 
 from __future__ import annotations
 
 import statistics
-import time
 from typing import TYPE_CHECKING, Any
 
 from .task import job
@@ -26,16 +25,13 @@ async def async_noop(*args: Any, **kwargs: Any) -> None:
 
 
 def measure(bench: "_Bench", sync_pool: "_WorkerPool", sync_queue: str) -> dict[str, Any]:
-    from .bench import ROUNDS, _rate, _WorkerPool
+    from .bench import ROUNDS, _WorkerPool
 
     q = bench.queue(f"async{PROCESSES}")
 
     def fill_and_drain(n: int) -> float:
         async_noop.using(queue=q).enqueue_many([()] * n)
-        t0 = time.perf_counter()  # committed: the workers were woken by its NOTIFY
-        t1 = bench.wait_empty(pool, q, n)
-        bench.check_no_dead(q)
-        return _rate(n, t1 - t0)
+        return bench.timed_drain(pool, q, n)
 
     with _WorkerPool(bench.url, [q], PROCESSES) as pool:
         fill_and_drain(min(bench.jobs, 500))  # warm-up: the loops start with the first async job

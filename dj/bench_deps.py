@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import statistics
-import time
 from typing import TYPE_CHECKING, Any
 
 from psycopg import sql as pgsql
@@ -34,7 +33,7 @@ CHAIN_HOPS = 300
 
 
 def measure(bench: "_Bench") -> dict[str, Any]:
-    from .bench import _rate, _WorkerPool, noop, percentile, stamp
+    from .bench import _WorkerPool, noop, percentile, stamp
 
     q = bench.queue(f"deps{PROCESSES}")
     n = 2 * GROUP if bench.quick else max(bench.jobs, ROUND_JOBS)
@@ -52,10 +51,7 @@ def measure(bench: "_Bench") -> dict[str, Any]:
 
     def fill_and_drain(pool: _WorkerPool, after: bool) -> float:
         fill(after)
-        t0 = time.perf_counter()
-        t1 = bench.wait_empty(pool, q, 2 * GROUP * groups)
-        bench.check_no_dead(q)
-        return _rate(2 * GROUP * groups, t1 - t0)
+        return bench.timed_drain(pool, q, 2 * GROUP * groups)
 
     table = f"{bench.latency_table}_deps"
     with _WorkerPool(bench.url, [q], PROCESSES) as pool:

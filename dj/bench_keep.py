@@ -11,7 +11,6 @@ ones: a drain that slowed as kept rows piled up would show in the rounds.
 from __future__ import annotations
 
 import statistics
-import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,17 +31,14 @@ def round_jobs(bench: "_Bench") -> int:
 
 
 def measure(bench: "_Bench") -> dict[str, Any]:
-    from .bench import _rate, _WorkerPool, noop
+    from .bench import _WorkerPool, noop
 
     q = bench.queue(f"keep{PROCESSES}")
     n = round_jobs(bench)
 
     def fill_and_drain(pool: _WorkerPool, keep: float | None) -> float:
         noop.using(queue=q, keep=keep).enqueue_many([()] * n)
-        t0 = time.perf_counter()  # committed: the workers were woken by its NOTIFY
-        t1 = bench.wait_empty(pool, q, n)
-        bench.check_no_dead(q)
-        return _rate(n, t1 - t0)
+        return bench.timed_drain(pool, q, n)
 
     with _WorkerPool(bench.url, [q], PROCESSES) as pool:
         noop.using(queue=q, keep=KEEP_SECONDS).enqueue_many([()] * min(bench.jobs, 500))  # warm-up, both paths
